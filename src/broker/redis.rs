@@ -1,0 +1,544 @@
+//! One reactor's link to Redis: a nonblocking RESP3 connection on the reactor's own `Poll`.
+//!
+//! The link speaks `HELLO 3`, so Pub/Sub pushes and command replies share one connection: the
+//! reactor SUBSCRIBEs there for the channels its clients want and PUBLISHes there for its clients.
+//! Replies are matched to commands in order through `pending`. Frames are decoded by
+//! redis-protocol straight out of the read buffer: a message payload is a `Bytes` slice of it.
+//!
+//! Failures never panic and never block: the link goes down, fails what was waiting on it, and
+//! reconnects with capped exponential backoff; the reactor re-subscribes when it is up again.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use redis_protocol::resp3::decode::complete::decode_bytes_mut;
+use redis_protocol::resp3::encode::complete::extend_encode;
+use redis_protocol::resp3::types::BytesFrame;
+
+use crate::config::RedisUrl;
+
+/// Most bytes of unsent commands; past it publishes are refused rather than buffered.
+const MAX_BACKLOG: usize = 8 << 20;
+/// A command unanswered this long means Redis is gone even if the socket is open.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const PING_EVERY: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Capped so a reconnect happens well within 2 s of Redis coming back.
+const BACKOFF_MAX: Duration = Duration::from_millis(800);
+/// Most bytes read per readiness event, so a flood from Redis cannot starve clients.
+const READ_BUDGET: usize = 4 << 20;
+
+/// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok`.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub conn: usize,
+    pub conn_serial: u64,
+    pub id: Option<Box<str>>,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Hello,
+    Select,
+    Ping,
+    Publish(Option<Ack>),
+}
+
+/// What the link tells its reactor.
+#[derive(Debug)]
+pub enum RedisEvent {
+    /// Handshake done: subscribe every channel that has local subscribers.
+    Up,
+    /// A Pub/Sub message for a channel (prefix removed).
+    Message { channel: Bytes, payload: Bytes },
+    /// A PUBLISH this reactor sent was answered (or lost with the link).
+    Published {
+        ack: Ack,
+        result: Result<(), String>,
+    },
+}
+
+/// Why a publish was not sent.
+#[derive(Debug)]
+pub enum Refused {
+    Down,
+    Backlog,
+}
+
+impl Refused {
+    pub fn message(&self) -> &'static str {
+        match self {
+            Refused::Down => "redis unavailable: the link to Redis is down; message not published",
+            Refused::Backlog => {
+                "redis unavailable: too many unsent commands; message not published"
+            }
+        }
+    }
+}
+
+enum State {
+    /// Waiting `until` before the next attempt.
+    Down {
+        until: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+        since: Instant,
+    },
+    /// TCP up; `ready` once HELLO (and SELECT) were answered.
+    Connected {
+        stream: TcpStream,
+        ready: bool,
+    },
+}
+
+pub struct RedisLink {
+    url: RedisUrl,
+    prefix: Bytes,
+    token: Token,
+    state: State,
+    backoff: Duration,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    pending: VecDeque<(Pending, Instant)>,
+    last_ping: Instant,
+    pub events: VecDeque<RedisEvent>,
+    /// Set when the read budget ran out with data left: read again on the next turn.
+    pub read_again: bool,
+    ever_up: bool,
+    reconnects: u64,
+}
+
+impl RedisLink {
+    pub fn new(url: RedisUrl, prefix: &str, token: Token) -> RedisLink {
+        RedisLink {
+            url,
+            prefix: Bytes::copy_from_slice(prefix.as_bytes()),
+            token,
+            state: State::Down {
+                until: Instant::now(),
+            },
+            backoff: BACKOFF_MIN,
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            pending: VecDeque::new(),
+            last_ping: Instant::now(),
+            events: VecDeque::new(),
+            read_again: false,
+            ever_up: false,
+            reconnects: 0,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Connected { ready: true, .. })
+    }
+
+    /// Reconnections after the first successful handshake.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Timers: start a connection attempt when due, ping, and notice a Redis that stopped answering.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        resolve: impl FnOnce() -> Option<SocketAddr>,
+    ) {
+        match &self.state {
+            State::Down { until } if now >= *until => match resolve() {
+                Some(addr) => self.connect(addr, now, registry),
+                None => {
+                    log::warn!(
+                        "redis: cannot resolve {}:{} yet; retrying",
+                        self.url.host,
+                        self.url.port
+                    );
+                    self.retry_later(now);
+                }
+            },
+            State::Connecting { since, .. } if now.duration_since(*since) > CONNECT_TIMEOUT => {
+                self.fail(registry, now, "connect timed out");
+            }
+            State::Connected { ready, .. } => {
+                if let Some((_, sent)) = self.pending.front() {
+                    if now.duration_since(*sent) > REPLY_TIMEOUT {
+                        self.fail(registry, now, "no reply for 5 s");
+                        return;
+                    }
+                }
+                if *ready && now.duration_since(self.last_ping) >= PING_EVERY {
+                    self.last_ping = now;
+                    self.command(&[b"PING"], Pending::Ping, now);
+                    self.flush(registry, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn connect(&mut self, addr: SocketAddr, now: Instant, registry: &Registry) {
+        match TcpStream::connect(addr) {
+            Ok(mut stream) => {
+                if let Err(e) = registry.register(
+                    &mut stream,
+                    self.token,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    log::error!("redis: cannot register socket: {e}");
+                    self.retry_later(now);
+                    return;
+                }
+                self.state = State::Connecting { stream, since: now };
+            }
+            Err(e) => {
+                log::warn!("redis: connect to {addr} failed: {e}");
+                self.retry_later(now);
+            }
+        }
+    }
+
+    fn retry_later(&mut self, now: Instant) {
+        // Jitter spreads reconnects of many reactors and nodes after a Redis restart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+        let jitter = Duration::from_micros((nanos ^ (self.token.0 as u64 * 7919)) % 100_000);
+        self.state = State::Down {
+            until: now + self.backoff + jitter,
+        };
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Takes the link down: fails waiting publishes, drops buffers, schedules a reconnect.
+    fn fail(&mut self, registry: &Registry, now: Instant, why: &str) {
+        let was_up = self.is_up();
+        match std::mem::replace(&mut self.state, State::Down { until: now }) {
+            State::Connecting { mut stream, .. } | State::Connected { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+            }
+            State::Down { .. } => {}
+        }
+        if was_up {
+            log::warn!("redis: link down ({why}); reconnecting");
+        } else {
+            log::debug!("redis: connection attempt failed ({why})");
+        }
+        for (pending, _) in self.pending.drain(..) {
+            if let Pending::Publish(Some(ack)) = pending {
+                self.events.push_back(RedisEvent::Published {
+                    ack,
+                    result: Err(format!(
+                        "redis unavailable: link lost before Redis acknowledged ({why})"
+                    )),
+                });
+            }
+        }
+        self.read_buf = BytesMut::new();
+        self.write_buf = BytesMut::new();
+        self.read_again = false;
+        self.retry_later(now);
+    }
+
+    /// Handles readiness of the Redis socket. Decoded events land in `self.events`.
+    pub fn on_ready(&mut self, registry: &Registry, now: Instant, writable: bool, readable: bool) {
+        if let State::Connecting { stream, .. } = &mut self.state {
+            if !writable && !readable {
+                return;
+            }
+            match stream.take_error() {
+                Ok(Some(e)) | Err(e) => return self.fail(registry, now, &e.to_string()),
+                Ok(None) => {}
+            }
+            match stream.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => return self.fail(registry, now, &e.to_string()),
+            }
+            let State::Connecting { stream, .. } =
+                std::mem::replace(&mut self.state, State::Down { until: now })
+            else {
+                unreachable!("state checked above")
+            };
+            let _ = stream.set_nodelay(true);
+            self.state = State::Connected {
+                stream,
+                ready: false,
+            };
+            self.handshake(now);
+        }
+        if readable || self.read_again {
+            self.read(registry, now);
+        }
+        self.flush(registry, now);
+    }
+
+    fn handshake(&mut self, now: Instant) {
+        let mut hello: Vec<&[u8]> = vec![b"HELLO", b"3"];
+        let user = self
+            .url
+            .username
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let password = self.url.password.clone();
+        if let Some(pw) = &password {
+            hello.extend([&b"AUTH"[..], user.as_bytes(), pw.as_bytes()]);
+        }
+        hello.extend([&b"SETNAME"[..], b"fanout"]);
+        self.command(&hello, Pending::Hello, now);
+        if self.url.db != 0 {
+            let db = self.url.db.to_string();
+            self.command(&[b"SELECT", db.as_bytes()], Pending::Select, now);
+        }
+    }
+
+    fn read(&mut self, registry: &Registry, now: Instant) {
+        self.read_again = false;
+        let State::Connected { stream, .. } = &mut self.state else {
+            return;
+        };
+        let mut total = 0;
+        let error = loop {
+            let len = self.read_buf.len();
+            self.read_buf.resize(len + 64 * 1024, 0);
+            match stream.read(&mut self.read_buf[len..]) {
+                Ok(0) => {
+                    self.read_buf.truncate(len);
+                    break Some("connection closed by Redis".to_string());
+                }
+                Ok(n) => {
+                    self.read_buf.truncate(len + n);
+                    total += n;
+                    if total >= READ_BUDGET {
+                        self.read_again = true;
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_buf.truncate(len);
+                    break None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.read_buf.truncate(len),
+                Err(e) => {
+                    self.read_buf.truncate(len);
+                    break Some(e.to_string());
+                }
+            }
+        };
+        // Decode what arrived before reacting to an error, so nothing received is lost.
+        loop {
+            match decode_bytes_mut(&mut self.read_buf) {
+                Ok(Some((frame, _, _))) => {
+                    if let Err(why) = self.on_frame(frame, now) {
+                        return self.fail(registry, now, &why);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return self.fail(registry, now, &format!("unparseable reply: {e}")),
+            }
+        }
+        if let Some(why) = error {
+            self.fail(registry, now, &why);
+        }
+    }
+
+    fn on_frame(&mut self, frame: BytesFrame, now: Instant) -> Result<(), String> {
+        match frame {
+            BytesFrame::Push { data, .. } => {
+                self.on_push(data);
+                Ok(())
+            }
+            BytesFrame::SimpleError { data, .. } => self.on_reply(Err(data.to_string()), now),
+            BytesFrame::BlobError { data, .. } => {
+                self.on_reply(Err(String::from_utf8_lossy(&data).into_owned()), now)
+            }
+            _ => self.on_reply(Ok(()), now),
+        }
+    }
+
+    fn on_push(&mut self, mut data: Vec<BytesFrame>) {
+        // ["message", channel, payload]; subscribe/unsubscribe confirmations need no action.
+        let is_message = matches!(data.first(), Some(BytesFrame::BlobString { data: kind, .. } | BytesFrame::SimpleString { data: kind, .. }) if &kind[..] == b"message");
+        if !is_message || data.len() != 3 {
+            return;
+        }
+        let (
+            Some(BytesFrame::BlobString { data: payload, .. }),
+            Some(BytesFrame::BlobString { data: channel, .. }),
+        ) = (data.pop(), data.pop())
+        else {
+            return;
+        };
+        if let Some(name) = channel.strip_prefix(&self.prefix[..]) {
+            let channel = channel.slice(self.prefix.len()..self.prefix.len() + name.len());
+            self.events
+                .push_back(RedisEvent::Message { channel, payload });
+        }
+    }
+
+    fn on_reply(&mut self, result: Result<(), String>, _now: Instant) -> Result<(), String> {
+        let Some((pending, _)) = self.pending.pop_front() else {
+            return Err(format!(
+                "unexpected reply {result:?} with no command waiting"
+            ));
+        };
+        match (pending, result) {
+            (Pending::Publish(ack), result) => {
+                if let Some(ack) = ack {
+                    self.events.push_back(RedisEvent::Published { ack, result });
+                } else if let Err(e) = result {
+                    log::warn!("redis: PUBLISH refused: {e}");
+                }
+            }
+            (Pending::Hello, Err(e)) => {
+                return Err(format!(
+                    "HELLO 3 refused (fanout needs Redis 6 or newer, and valid credentials): {e}"
+                ))
+            }
+            (Pending::Select, Err(e)) => {
+                return Err(format!("SELECT {} refused: {e}", self.url.db))
+            }
+            (Pending::Ping, Err(e)) => return Err(format!("PING refused: {e}")),
+            (Pending::Ping, Ok(())) => {}
+            (Pending::Hello | Pending::Select, Ok(())) => {
+                let waiting_handshake = self
+                    .pending
+                    .iter()
+                    .any(|(p, _)| matches!(p, Pending::Hello | Pending::Select));
+                if !waiting_handshake {
+                    if let State::Connected { ready, .. } = &mut self.state {
+                        *ready = true;
+                    }
+                    if self.ever_up {
+                        self.reconnects += 1;
+                    }
+                    self.ever_up = true;
+                    self.backoff = BACKOFF_MIN;
+                    log::info!("redis: link up ({}:{})", self.url.host, self.url.port);
+                    self.events.push_back(RedisEvent::Up);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, args: &[&[u8]], pending: Pending, now: Instant) {
+        encode_command(
+            &mut self.write_buf,
+            args.iter().map(|a| Bytes::copy_from_slice(a)),
+        );
+        self.pending.push_back((pending, now));
+    }
+
+    /// Publishes `payload` on `channel` (the prefix is added here).
+    /// On refusal the ack is handed back so the client can be told.
+    pub fn publish(
+        &mut self,
+        channel: &[u8],
+        payload: Bytes,
+        ack: Option<Ack>,
+        registry: &Registry,
+        now: Instant,
+    ) -> Result<(), (Refused, Option<Ack>)> {
+        if !self.is_up() {
+            return Err((Refused::Down, ack));
+        }
+        if self.write_buf.len() > MAX_BACKLOG {
+            return Err((Refused::Backlog, ack));
+        }
+        let name = self.redis_name(channel);
+        encode_command(
+            &mut self.write_buf,
+            [Bytes::from_static(b"PUBLISH"), name, payload].into_iter(),
+        );
+        self.pending.push_back((Pending::Publish(ack), now));
+        self.flush(registry, now);
+        Ok(())
+    }
+
+    /// SUBSCRIBE (or UNSUBSCRIBE) for channels; a no-op while down (the reactor re-subscribes on `Up`).
+    pub fn set_interest<'a>(
+        &mut self,
+        subscribe: bool,
+        channels: impl Iterator<Item = &'a Bytes>,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        if !self.is_up() {
+            return;
+        }
+        let verb: &'static [u8] = if subscribe {
+            b"SUBSCRIBE"
+        } else {
+            b"UNSUBSCRIBE"
+        };
+        let mut batch: Vec<Bytes> = Vec::new();
+        for name in channels {
+            batch.push(self.redis_name(name));
+            if batch.len() == 1000 {
+                encode_command(
+                    &mut self.write_buf,
+                    std::iter::once(Bytes::from_static(verb)).chain(batch.drain(..)),
+                );
+            }
+        }
+        if !batch.is_empty() {
+            encode_command(
+                &mut self.write_buf,
+                std::iter::once(Bytes::from_static(verb)).chain(batch),
+            );
+        }
+        self.flush(registry, now);
+    }
+
+    fn redis_name(&self, channel: &[u8]) -> Bytes {
+        if self.prefix.is_empty() {
+            Bytes::copy_from_slice(channel)
+        } else {
+            let mut name = BytesMut::with_capacity(self.prefix.len() + channel.len());
+            name.extend_from_slice(&self.prefix);
+            name.extend_from_slice(channel);
+            name.freeze()
+        }
+    }
+
+    fn flush(&mut self, registry: &Registry, now: Instant) {
+        let State::Connected { stream, .. } = &mut self.state else {
+            return;
+        };
+        while !self.write_buf.is_empty() {
+            match stream.write(&self.write_buf) {
+                Ok(0) => return self.fail(registry, now, "write returned 0"),
+                Ok(n) => {
+                    let _ = self.write_buf.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(registry, now, &e.to_string()),
+            }
+        }
+    }
+}
+
+fn encode_command(buf: &mut BytesMut, args: impl Iterator<Item = Bytes>) {
+    let frame = BytesFrame::Array {
+        data: args
+            .map(|data| BytesFrame::BlobString {
+                data,
+                attributes: None,
+            })
+            .collect(),
+        attributes: None,
+    };
+    if let Err(e) = extend_encode(buf, &frame, false) {
+        // Encoding a flat array of blob strings cannot fail; log rather than panic if it ever does.
+        log::error!("redis: cannot encode command: {e}");
+    }
+}

@@ -1,0 +1,325 @@
+//! Command-line flags, their `FANOUT_*` environment-variable equivalents, and validation.
+//!
+//! Everything a reactor needs at run time is in [`Config`], built once at start and shared
+//! read-only. Bad values are refused here, before any socket is opened, with a message that names
+//! the option.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+/// Flags as the user types them; [`Config::from_args`] validates them.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "fanout",
+    version,
+    about = "WebSocket pub/sub and chat server: a mio reactor per core, zero-copy broadcast, Redis Pub/Sub scale-out",
+    long_about = None
+)]
+pub struct Args {
+    /// Address to listen on (HTTP and WebSocket share it). Port 0 picks a free port.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+
+    /// Reactor threads, each with its own SO_REUSEPORT listener. Default: number of CPUs.
+    #[arg(long, env = "FANOUT_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Share channels with other nodes through Redis Pub/Sub: redis://[user:password@]host:port[/db].
+    /// Without it the node brokers in-process.
+    #[arg(long, env = "FANOUT_REDIS")]
+    pub redis: Option<String>,
+
+    /// Prefix prepended to channel names on Redis, to share a Redis with other applications.
+    #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "")]
+    pub redis_prefix: String,
+
+    /// Largest WebSocket message accepted, in bytes (reassembled fragments count together). Over it: close 1009.
+    #[arg(long, env = "FANOUT_MAX_MESSAGE", default_value = "65536")]
+    pub max_message: String,
+
+    /// Largest outgoing queue per connection, in bytes. A client that lets it overflow is closed (1008 "slow consumer").
+    #[arg(long, env = "FANOUT_MAX_QUEUE", default_value = "1048576")]
+    pub max_queue: String,
+
+    /// Most channels one connection may subscribe to.
+    #[arg(long, env = "FANOUT_MAX_SUBSCRIPTIONS", default_value = "128")]
+    pub max_subscriptions: String,
+
+    /// Most WebSocket connections this node holds; further upgrades get HTTP 503.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value = "100000")]
+    pub max_connections: String,
+
+    /// Seconds of silence from a client after which the server sends it a ping.
+    #[arg(long, env = "FANOUT_PING_INTERVAL", default_value = "30")]
+    pub ping_interval: String,
+
+    /// Seconds without any frame from a client (pongs count) after which it is closed (1001 "idle timeout").
+    #[arg(long, env = "FANOUT_IDLE_TIMEOUT", default_value = "75")]
+    pub idle_timeout: String,
+
+    /// Seconds a client has to complete its HTTP request; slower ones are dropped.
+    #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", default_value = "10")]
+    pub handshake_timeout: String,
+
+    /// Seconds to keep serving after SIGTERM with /readyz at 503, so load balancers take the node out.
+    #[arg(long, env = "FANOUT_DRAIN_DELAY", default_value = "5")]
+    pub drain_delay: String,
+
+    /// Seconds over which clients are closed (1001) in batches after the drain delay; then the process exits.
+    #[arg(long, env = "FANOUT_DRAIN_TIME", default_value = "10")]
+    pub drain_time: String,
+
+    /// Comma-separated Origin header values allowed to open WebSockets (403 otherwise). Empty: any origin.
+    #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+
+    /// Messages per second one connection may send (bursts up to the same number); over it: close 1008 "rate limit". 0: unlimited.
+    #[arg(long, env = "FANOUT_MAX_MESSAGE_RATE", default_value = "0")]
+    pub max_message_rate: String,
+
+    /// Log level: error, warn, info, debug or trace. RUST_LOG, when set, takes precedence.
+    #[arg(long, env = "FANOUT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Where and how to reach Redis, parsed from `--redis`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+/// Validated configuration, shared read-only by every reactor.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub redis: Option<RedisUrl>,
+    pub redis_prefix: String,
+    pub max_message: usize,
+    pub max_queue: usize,
+    pub max_subscriptions: usize,
+    pub max_connections: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub drain_delay: Duration,
+    pub drain_time: Duration,
+    pub allowed_origins: Vec<String>,
+    pub max_message_rate: u32,
+    pub log_level: log::LevelFilter,
+}
+
+impl Config {
+    /// Validates parsed flags; the error names the offending option.
+    pub fn from_args(args: Args) -> anyhow::Result<Config> {
+        let listen: SocketAddr = args.listen.parse().with_context(|| {
+            format!(
+                "--listen: {:?} is not an IP:PORT address (e.g. 0.0.0.0:8080)",
+                args.listen
+            )
+        })?;
+        let threads = match args.threads {
+            Some(0) => bail!("--threads: must be at least 1"),
+            Some(n) if n > 1024 => bail!("--threads: {n} is more than 1024"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let redis = match &args.redis {
+            Some(url) if !url.is_empty() => {
+                Some(RedisUrl::parse(url).with_context(|| format!("--redis: {url:?}"))?)
+            }
+            _ => None,
+        };
+        if args.redis_prefix.len() > 64 {
+            bail!("--redis-prefix: longer than 64 bytes");
+        }
+        let max_message = size("--max-message", &args.max_message, 16, 64 << 20)?;
+        let max_queue = size("--max-queue", &args.max_queue, 1024, 1 << 30)?;
+        if max_queue < max_message {
+            bail!("--max-queue: {max_queue} is smaller than --max-message {max_message}; one message must fit");
+        }
+        let allowed_origins = args
+            .allowed_origins
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let log_level = args.log_level.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--log-level: {:?} is not one of error, warn, info, debug, trace, off",
+                args.log_level
+            )
+        })?;
+        Ok(Config {
+            listen,
+            threads,
+            redis,
+            redis_prefix: args.redis_prefix,
+            max_message,
+            max_queue,
+            max_subscriptions: size("--max-subscriptions", &args.max_subscriptions, 1, 65536)?,
+            max_connections: size("--max-connections", &args.max_connections, 1, 100_000_000)?,
+            ping_interval: seconds("--ping-interval", &args.ping_interval, 0.05)?,
+            idle_timeout: seconds("--idle-timeout", &args.idle_timeout, 0.1)?,
+            handshake_timeout: seconds("--handshake-timeout", &args.handshake_timeout, 0.05)?,
+            drain_delay: seconds("--drain-delay", &args.drain_delay, 0.0)?,
+            drain_time: seconds("--drain-time", &args.drain_time, 0.0)?,
+            allowed_origins,
+            max_message_rate: size("--max-message-rate", &args.max_message_rate, 0, 10_000_000)?
+                as u32,
+            log_level,
+        })
+    }
+
+    /// A configuration for tests and benchmarks: loopback, one thread, defaults elsewhere.
+    pub fn for_tests() -> Config {
+        let args = Args::parse_from(["fanout", "--listen", "127.0.0.1:0", "--threads", "1"]);
+        Config::from_args(args).expect("default test configuration is valid")
+    }
+}
+
+fn size(option: &str, value: &str, min: usize, max: usize) -> anyhow::Result<usize> {
+    let n: usize = value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{option}: {value:?} is not a whole number"))?;
+    if n < min || n > max {
+        bail!("{option}: {n} is outside {min}..={max}");
+    }
+    Ok(n)
+}
+
+fn seconds(option: &str, value: &str, min: f64) -> anyhow::Result<Duration> {
+    let s: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{option}: {value:?} is not a number of seconds"))?;
+    if !s.is_finite() || s < min || s > 86_400.0 {
+        bail!("{option}: {value} is outside {min}..=86400 seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+impl RedisUrl {
+    /// Parses `redis://[user:password@]host:port[/db]`; `rediss://` (TLS) is refused until supported.
+    pub fn parse(url: &str) -> anyhow::Result<RedisUrl> {
+        let rest = match url.split_once("://") {
+            Some(("redis", rest)) => rest,
+            Some(("rediss", _)) => bail!("rediss:// (TLS) is not supported yet; use redis://"),
+            Some((scheme, _)) => bail!("unknown scheme {scheme:?}; expected redis://"),
+            None => bail!("expected redis://host:port"),
+        };
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((auth, host)) => (Some(auth), host),
+            None => (None, rest),
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (
+                hp,
+                db.parse()
+                    .map_err(|_| anyhow::anyhow!("database {db:?} is not a number"))?,
+            ),
+            None => (hostpart, 0),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| anyhow::anyhow!("unclosed '[' in host"))?;
+            (h, p.strip_prefix(':').unwrap_or(""))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, p),
+                None => (hostport, ""),
+            }
+        };
+        if host.is_empty() {
+            bail!("no host");
+        }
+        let port = if port.is_empty() {
+            6379
+        } else {
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 => p,
+                _ => bail!("bad port {port:?}"),
+            }
+        };
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(a) => match a.split_once(':') {
+                Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+                None => (None, Some(a.to_string())),
+            },
+        };
+        Ok(RedisUrl {
+            host: host.to_string(),
+            port,
+            username,
+            password,
+            db,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls() {
+        let u = RedisUrl::parse("redis://user:pw@db.local:6380/2").unwrap();
+        assert_eq!(
+            u,
+            RedisUrl {
+                host: "db.local".into(),
+                port: 6380,
+                username: Some("user".into()),
+                password: Some("pw".into()),
+                db: 2
+            }
+        );
+        assert_eq!(RedisUrl::parse("redis://h").unwrap().port, 6379);
+        assert_eq!(
+            RedisUrl::parse("redis://:secret@h:1")
+                .unwrap()
+                .password
+                .as_deref(),
+            Some("secret")
+        );
+        assert_eq!(RedisUrl::parse("redis://[::1]:7000").unwrap().host, "::1");
+        for bad in [
+            "http://h:1",
+            "rediss://h:1",
+            "redis://h:0",
+            "redis://h:99999",
+            "redis://:1",
+            "h:1",
+            "redis://h:1/x",
+        ] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        for (flag, value) in [
+            ("--threads", "0"),
+            ("--max-message", "abc"),
+            ("--listen", "nope"),
+            ("--ping-interval", "-1"),
+            ("--redis", "http://x:1"),
+            ("--log-level", "loud"),
+        ] {
+            let args = Args::parse_from(["fanout".to_string(), format!("{flag}={value}")]);
+            let err = format!("{:#}", Config::from_args(args).unwrap_err());
+            assert!(err.contains(flag), "{err} does not name {flag}");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Counters each reactor keeps for itself, summed only when `/metrics` is scraped.
+//!
+//! A reactor is the only writer of its own [`ReactorMetrics`], so updates are uncontended relaxed
+//! atomic adds: nothing on the message path takes a lock or touches another thread's cache line.
+//! The Prometheus text format is written by hand: it is a few lines of `name value`, and a
+//! registry crate would add a second layer of atomics without saving any code here.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a WebSocket connection ended; each has its own `closed` counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame or closed its socket.
+    Client,
+    /// The client broke the protocol (bad frame, bad UTF-8, message too big).
+    Protocol,
+    /// Its outgoing queue overflowed `--max-queue`.
+    SlowConsumer,
+    /// It sent nothing, not even a pong, for `--idle-timeout`.
+    IdleTimeout,
+    /// It sent more than `--max-message-rate` messages per second.
+    RateLimit,
+    /// The node is shutting down.
+    Shutdown,
+    /// The socket failed (reset, broken pipe).
+    IoError,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::Client,
+        CloseReason::Protocol,
+        CloseReason::SlowConsumer,
+        CloseReason::IdleTimeout,
+        CloseReason::RateLimit,
+        CloseReason::Shutdown,
+        CloseReason::IoError,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client_close",
+            CloseReason::Protocol => "protocol_error",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::RateLimit => "rate_limit",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::IoError => "io_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0)
+    }
+}
+
+/// HTTP statuses fanout answers with; anything else is counted as "other".
+const STATUSES: [u16; 12] = [101, 200, 400, 403, 404, 405, 408, 413, 426, 431, 500, 503];
+
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed)
+    }
+}
+
+/// One reactor's counters.
+#[derive(Default, Debug)]
+pub struct ReactorMetrics {
+    pub accepted: Counter,
+    closed: [Counter; 7],
+    pub refused: Counter,
+    pub handshake_timeouts: Counter,
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    pub deliveries: Counter,
+    pub publishes: Counter,
+    pub channels: Counter,
+    pub redis_messages_in: Counter,
+    pub redis_reconnects: Counter,
+    pub redis_link_up: Counter,
+    pub publishes_dropped: Counter,
+    http: [Counter; STATUSES.len() + 1],
+}
+
+impl ReactorMetrics {
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].inc();
+    }
+
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()].get()
+    }
+
+    pub fn open(&self) -> u64 {
+        let closed: u64 = self.closed.iter().map(Counter::get).sum();
+        self.accepted.get().saturating_sub(closed)
+    }
+
+    pub fn http_response(&self, status: u16) {
+        let i = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.http[i].inc();
+    }
+}
+
+/// Renders the Prometheus text exposition of all reactors' counters, summed.
+pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool) -> String {
+    let mut out = String::with_capacity(4096);
+    let sum = |f: &dyn Fn(&ReactorMetrics) -> u64| -> u64 { reactors.iter().map(|m| f(m)).sum() };
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "fanout_connections_open",
+        "gauge",
+        "WebSocket connections currently open.",
+        sum(&|m| m.open()),
+    );
+    metric(
+        "fanout_connections_accepted_total",
+        "counter",
+        "WebSocket upgrades completed.",
+        sum(&|m| m.accepted.get()),
+    );
+    metric(
+        "fanout_connections_refused_total",
+        "counter",
+        "Upgrades refused because --max-connections was reached.",
+        sum(&|m| m.refused.get()),
+    );
+    metric(
+        "fanout_handshake_timeouts_total",
+        "counter",
+        "Connections dropped for not completing their HTTP request within --handshake-timeout.",
+        sum(&|m| m.handshake_timeouts.get()),
+    );
+    metric(
+        "fanout_messages_in_total",
+        "counter",
+        "WebSocket data messages received from clients.",
+        sum(&|m| m.messages_in.get()),
+    );
+    metric(
+        "fanout_bytes_in_total",
+        "counter",
+        "Payload bytes of WebSocket data messages received from clients.",
+        sum(&|m| m.bytes_in.get()),
+    );
+    metric(
+        "fanout_messages_out_total",
+        "counter",
+        "WebSocket frames queued to clients (deliveries, replies, control frames).",
+        sum(&|m| m.messages_out.get()),
+    );
+    metric(
+        "fanout_bytes_out_total",
+        "counter",
+        "Bytes written to client sockets.",
+        sum(&|m| m.bytes_out.get()),
+    );
+    metric(
+        "fanout_deliveries_total",
+        "counter",
+        "Messages queued to a subscriber (one per subscriber per message).",
+        sum(&|m| m.deliveries.get()),
+    );
+    metric(
+        "fanout_publishes_total",
+        "counter",
+        "Messages clients published (accepted for delivery).",
+        sum(&|m| m.publishes.get()),
+    );
+    metric("fanout_channels", "gauge", "Channels with local subscribers, summed over reactors (a channel with subscribers on two reactors counts twice).", sum(&|m| m.channels.get()));
+    metric("fanout_publishes_dropped_total", "counter", "Raw-mode publishes dropped because Redis was unreachable or backlogged (JSON publishes get an error reply instead).", sum(&|m| m.publishes_dropped.get()));
+    if redis_enabled {
+        metric(
+            "fanout_redis_messages_in_total",
+            "counter",
+            "Pub/Sub messages received from Redis.",
+            sum(&|m| m.redis_messages_in.get()),
+        );
+        metric(
+            "fanout_redis_reconnects_total",
+            "counter",
+            "Times a reactor's Redis link was re-established after a failure.",
+            sum(&|m| m.redis_reconnects.get()),
+        );
+        metric(
+            "fanout_redis_links_up",
+            "gauge",
+            "Reactors whose Redis link is up.",
+            sum(&|m| m.redis_link_up.get()),
+        );
+        metric(
+            "fanout_redis_links",
+            "gauge",
+            "Reactors that keep a Redis link (one per reactor).",
+            reactors.len() as u64,
+        );
+    }
+    metric(
+        "fanout_draining",
+        "gauge",
+        "1 while the node drains after SIGTERM.",
+        draining as u64,
+    );
+    metric(
+        "fanout_reactors",
+        "gauge",
+        "Reactor threads.",
+        reactors.len() as u64,
+    );
+
+    out.push_str("# HELP fanout_connections_closed_total WebSocket connections closed, by reason.\n# TYPE fanout_connections_closed_total counter\n");
+    for reason in CloseReason::ALL {
+        let v = sum(&|m| m.closed_count(reason));
+        let _ = writeln!(
+            out,
+            "fanout_connections_closed_total{{reason=\"{}\"}} {v}",
+            reason.label()
+        );
+    }
+    out.push_str("# HELP fanout_http_responses_total HTTP responses sent, by status (101 is a WebSocket upgrade).\n# TYPE fanout_http_responses_total counter\n");
+    for (i, status) in STATUSES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["other".to_string()])
+        .enumerate()
+    {
+        let v = sum(&|m| m.http[i].get());
+        let _ = writeln!(
+            out,
+            "fanout_http_responses_total{{status=\"{status}\"}} {v}"
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_over_reactors() {
+        let (a, b) = (ReactorMetrics::default(), ReactorMetrics::default());
+        a.accepted.add(3);
+        b.accepted.add(2);
+        a.closed(CloseReason::SlowConsumer);
+        b.http_response(404);
+        b.http_response(999);
+        let text = render(&[&a, &b], false, false);
+        assert!(text.contains("fanout_connections_open 4\n"));
+        assert!(text.contains("fanout_connections_closed_total{reason=\"slow_consumer\"} 1\n"));
+        assert!(text.contains("fanout_http_responses_total{status=\"404\"} 1\n"));
+        assert!(text.contains("fanout_http_responses_total{status=\"other\"} 1\n"));
+        assert!(!text.contains("redis"));
+    }
+}

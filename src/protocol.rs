@@ -1,0 +1,316 @@
+//! What clients say and hear: channel names, the `fanout.json` command protocol and the delivery
+//! envelope.
+//!
+//! Payloads are bytes. A JSON `publish` whose `data` is a string publishes the string's bytes,
+//! any other value publishes its JSON text; a JSON subscriber gets a payload as `data` verbatim
+//! when it is valid JSON, as a JSON string when it is other UTF-8, and base64 otherwise. So raw
+//! and JSON clients share channels.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::ws::{FrameHeader, OpCode};
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// The subprotocol a client offers to speak JSON commands.
+pub const JSON_SUBPROTOCOL: &str = "fanout.json";
+
+/// Checks a channel name: 1-128 bytes of `[A-Za-z0-9_.:-]`.
+pub fn validate_channel(name: &[u8]) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("channel name is empty".into());
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err(format!(
+            "channel name is {} bytes; the limit is {MAX_CHANNEL_LEN}",
+            name.len()
+        ));
+    }
+    match name
+        .iter()
+        .find(|&&b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')))
+    {
+        Some(&b) => Err(format!(
+            "channel name contains {:?}; allowed are A-Z a-z 0-9 _ . : -",
+            b as char
+        )),
+        None => Ok(()),
+    }
+}
+
+/// One parsed client command.
+#[derive(Debug, PartialEq)]
+pub enum Command<'a> {
+    Subscribe {
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        payload: Cow<'a, [u8]>,
+    },
+}
+
+/// A command with the `id` the client attached, if any (echoed in the reply verbatim).
+#[derive(Debug, PartialEq)]
+pub struct Request<'a> {
+    pub id: Option<&'a str>,
+    pub command: Command<'a>,
+}
+
+/// A command that cannot be carried out; `id` is kept so the error reply can echo it.
+#[derive(Debug, PartialEq)]
+pub struct CommandError<'a> {
+    pub id: Option<&'a str>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
+/// Parses one text frame of the JSON protocol.
+pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
+    let wire: Wire<'_> = serde_json::from_slice(text).map_err(|e| CommandError {
+        id: None,
+        message: format!("invalid command: {e}; expected a JSON object like {{\"op\":\"publish\",\"channel\":\"c\",\"data\":\"hi\"}}"),
+    })?;
+    let id = wire.id.map(RawValue::get);
+    let fail = |message: String| CommandError { id, message };
+    let op = wire.op.ok_or_else(|| fail("missing \"op\"".into()))?;
+    let channel = || -> Result<Cow<'_, str>, CommandError<'_>> {
+        let channel = wire
+            .channel
+            .clone()
+            .ok_or_else(|| fail(format!("\"{op}\" needs a \"channel\"")))?;
+        validate_channel(channel.as_bytes()).map_err(fail)?;
+        Ok(channel)
+    };
+    let command = match op.as_ref() {
+        "subscribe" => Command::Subscribe {
+            channel: channel()?,
+        },
+        "unsubscribe" => Command::Unsubscribe {
+            channel: channel()?,
+        },
+        "publish" => {
+            let channel = channel()?;
+            let data = wire
+                .data
+                .ok_or_else(|| fail("\"publish\" needs \"data\"".into()))?;
+            let payload = match serde_json::from_str::<Cow<'_, str>>(data.get()) {
+                Ok(Cow::Borrowed(s)) => Cow::Borrowed(s.as_bytes()),
+                Ok(Cow::Owned(s)) => Cow::Owned(s.into_bytes()),
+                Err(_) => Cow::Borrowed(data.get().as_bytes()),
+            };
+            Command::Publish { channel, payload }
+        }
+        other => {
+            return Err(fail(format!(
+                "unknown op {other:?}; expected subscribe, unsubscribe or publish"
+            )))
+        }
+    };
+    Ok(Request { id, command })
+}
+
+/// `{"op":"ok","id":N}` (or without `id`), as one WebSocket text frame.
+pub fn ok_reply(id: Option<&str>) -> Bytes {
+    let mut body = Vec::with_capacity(32);
+    body.extend_from_slice(b"{\"op\":\"ok\"");
+    push_id(&mut body, id);
+    body.push(b'}');
+    text_frame(&body)
+}
+
+/// `{"op":"error","id":N,"error":"..."}`, as one WebSocket text frame.
+pub fn error_reply(id: Option<&str>, message: &str) -> Bytes {
+    let mut body = Vec::with_capacity(64 + message.len());
+    body.extend_from_slice(b"{\"op\":\"error\"");
+    push_id(&mut body, id);
+    body.extend_from_slice(b",\"error\":");
+    serde_json::to_writer(&mut body, message).expect("writing a str to a Vec cannot fail");
+    body.push(b'}');
+    text_frame(&body)
+}
+
+fn push_id(body: &mut Vec<u8>, id: Option<&str>) {
+    if let Some(id) = id {
+        body.extend_from_slice(b",\"id\":");
+        body.extend_from_slice(id.as_bytes());
+    }
+}
+
+/// A final unmasked text frame holding `body`.
+pub fn text_frame(body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(FrameHeader::encoded_len(body.len(), false) + body.len());
+    FrameHeader::write(&mut out, OpCode::Text, body.len(), None);
+    out.put_slice(body);
+    out.freeze()
+}
+
+/// Builds the delivery `{"op":"message","channel":C,"data":D}` as one text frame. Called once per
+/// message per reactor, never per subscriber. `scratch` is reused between calls.
+pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes {
+    scratch.clear();
+    scratch.extend_from_slice(b"{\"op\":\"message\",\"channel\":\"");
+    // Channel names are validated to need no escaping.
+    scratch.extend_from_slice(channel);
+    scratch.extend_from_slice(b"\",\"data\":");
+    if is_json(payload) {
+        scratch.extend_from_slice(payload);
+    } else if let Ok(text) = std::str::from_utf8(payload) {
+        serde_json::to_writer(&mut *scratch, text).expect("writing to a Vec cannot fail");
+    } else {
+        scratch.push(b'"');
+        base64_encode(payload, scratch);
+        scratch.extend_from_slice(b"\",\"encoding\":\"base64\"");
+    }
+    scratch.push(b'}');
+    text_frame(scratch)
+}
+
+fn is_json(payload: &[u8]) -> bool {
+    !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+}
+
+fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for chunk in input.chunks(3) {
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]);
+            } else {
+                out.push(b'=');
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(frame: &Bytes) -> &str {
+        let h = FrameHeader::parse(frame, false, u64::MAX >> 1)
+            .unwrap()
+            .unwrap();
+        std::str::from_utf8(&frame[h.header_len..]).unwrap()
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(validate_channel(b"room-1.a:b_c").is_ok());
+        assert!(validate_channel(&[b'a'; 128]).is_ok());
+        assert!(validate_channel(&[b'a'; 129]).is_err());
+        assert!(validate_channel(b"").is_err());
+        assert!(validate_channel(b"a b").is_err());
+        assert!(validate_channel("é".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn commands() {
+        let r = parse_command(br#"{"op":"subscribe","channel":"c","id":1}"#).unwrap();
+        assert_eq!(r.id, Some("1"));
+        assert_eq!(
+            r.command,
+            Command::Subscribe {
+                channel: "c".into()
+            }
+        );
+        let r = parse_command(br#"{"op":"publish","channel":"c","data":"h\u00e9"}"#).unwrap();
+        assert_eq!(
+            r.command,
+            Command::Publish {
+                channel: "c".into(),
+                payload: Cow::Owned("hé".as_bytes().to_vec())
+            }
+        );
+        let r = parse_command(br#"{"op":"publish","channel":"c","data":{"a":[1, 2]},"id":"x"}"#)
+            .unwrap();
+        assert_eq!(r.id, Some("\"x\""));
+        assert_eq!(
+            r.command,
+            Command::Publish {
+                channel: "c".into(),
+                payload: Cow::Borrowed(br#"{"a":[1, 2]}"#)
+            }
+        );
+        let e = parse_command(br#"{"op":"jump","id":7}"#).unwrap_err();
+        assert_eq!(e.id, Some("7"));
+        assert!(e.message.contains("unknown op"));
+        assert!(parse_command(b"not json")
+            .unwrap_err()
+            .message
+            .contains("invalid command"));
+        assert!(
+            parse_command(br#"{"op":"subscribe","channel":"a b","id":2}"#)
+                .unwrap_err()
+                .message
+                .contains("channel name")
+        );
+        assert!(parse_command(br#"{"op":"publish","channel":"c"}"#).is_err());
+        assert!(parse_command(br#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn replies() {
+        assert_eq!(body(&ok_reply(Some("3"))), r#"{"op":"ok","id":3}"#);
+        assert_eq!(body(&ok_reply(None)), r#"{"op":"ok"}"#);
+        assert_eq!(
+            body(&error_reply(Some("\"a\""), "bad \"x\"")),
+            r#"{"op":"error","id":"a","error":"bad \"x\""}"#
+        );
+    }
+
+    #[test]
+    fn envelopes_follow_the_payload_rules() {
+        let mut s = Vec::new();
+        let e = envelope(b"c", b"hello", &mut s);
+        assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":"hello"}"#);
+        let e = envelope(b"c", br#"{"a":1}"#, &mut s);
+        assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":{"a":1}}"#);
+        let e = envelope(b"c", b"", &mut s);
+        assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":""}"#);
+        let e = envelope(b"c", &[0xff, 0x00, 0x10], &mut s);
+        assert_eq!(
+            body(&e),
+            r#"{"op":"message","channel":"c","data":"/wAQ","encoding":"base64"}"#
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            let mut out = Vec::new();
+            base64_encode(input.as_bytes(), &mut out);
+            assert_eq!(out, want.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Starting and stopping a node: binds one SO_REUSEPORT listener per reactor, spawns the reactor
+//! threads, and runs the supervisor on the main thread (signals, graceful drain, Redis address
+//! resolution, so no reactor ever blocks on DNS).
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::broker::bus::{Envelope, Mailbox};
+use crate::config::Config;
+use crate::metrics::{self, ReactorMetrics};
+use crate::reactor::{Reactor, WAKER};
+
+/// The chat page served at `/`, embedded so the binary is all a user needs.
+pub const CHAT_PAGE: &str = include_str!("web/index.html");
+
+/// What one reactor shares with the rest of the node.
+pub struct ReactorShared {
+    pub mailbox: Mailbox,
+    pub metrics: Arc<ReactorMetrics>,
+    pub accepting: AtomicBool,
+    pub redis_up: AtomicBool,
+}
+
+/// Node-wide state: read-mostly, touched per connection or per scrape, never per message.
+pub struct Shared {
+    pub config: Config,
+    pub reactors: Vec<ReactorShared>,
+    pub draining: AtomicBool,
+    /// Open WebSockets on the node, for `--max-connections`.
+    pub open_ws: AtomicUsize,
+    redis_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Shared {
+    /// `Ok` when the node should get traffic; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".into());
+        }
+        for (i, r) in self.reactors.iter().enumerate() {
+            if !r.accepting.load(Ordering::Acquire) {
+                return Err(format!("reactor {i} is not accepting"));
+            }
+            if self.config.redis.is_some() && !r.redis_up.load(Ordering::Acquire) {
+                return Err(format!("redis link of reactor {i} is down"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
+        metrics::render(
+            &all,
+            self.config.redis.is_some(),
+            self.draining.load(Ordering::Acquire),
+        )
+    }
+
+    /// The Redis address the supervisor last resolved (a lock taken only on reconnect).
+    pub fn redis_addr(&self) -> Option<SocketAddr> {
+        *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn resolve_redis(&self) {
+        let Some(url) = &self.config.redis else {
+            return;
+        };
+        match (url.host.as_str(), url.port).to_socket_addrs() {
+            Ok(mut addrs) => {
+                if let Some(addr) = addrs.next() {
+                    *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+                }
+            }
+            Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
+        }
+    }
+
+    /// Asks every reactor to stop accepting and close its clients, spread over `drain_time`.
+    pub fn drain(&self, drain_time: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + drain_time;
+        for r in &self.reactors {
+            r.mailbox.send(Envelope::Drain { deadline });
+        }
+    }
+}
+
+/// A node's reactors, built but not yet running (tests step them by hand).
+pub struct Node {
+    pub shared: Arc<Shared>,
+    pub reactors: Vec<Reactor>,
+    pub local_addr: SocketAddr,
+}
+
+/// Binds the listeners and builds the reactors.
+pub fn build(config: Config) -> anyhow::Result<Node> {
+    let first = bind(config.listen)
+        .with_context(|| format!("--listen: cannot listen on {}", config.listen))?;
+    let local_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..config.threads {
+        listeners.push(
+            bind(local_addr).with_context(|| format!("cannot add a listener on {local_addr}"))?,
+        );
+    }
+    let mut polls = Vec::new();
+    let mut shared_reactors = Vec::new();
+    let mut inboxes = Vec::new();
+    for _ in 0..config.threads {
+        let poll = Poll::new().context("cannot create an event loop")?;
+        let waker = Waker::new(poll.registry(), WAKER).context("cannot create a waker")?;
+        let (mailbox, inbox) = Mailbox::new(waker);
+        shared_reactors.push(ReactorShared {
+            mailbox,
+            metrics: Arc::new(ReactorMetrics::default()),
+            accepting: AtomicBool::new(false),
+            redis_up: AtomicBool::new(false),
+        });
+        polls.push(poll);
+        inboxes.push(inbox);
+    }
+    let literal = config.redis.as_ref().and_then(|u| {
+        u.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, u.port))
+    });
+    let shared = Arc::new(Shared {
+        config,
+        reactors: shared_reactors,
+        draining: AtomicBool::new(false),
+        open_ws: AtomicUsize::new(0),
+        redis_addr: Mutex::new(literal),
+    });
+    let mut reactors = Vec::new();
+    for (i, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate()
+    {
+        reactors.push(Reactor::new(i, poll, listener, inbox, shared.clone())?);
+    }
+    Ok(Node {
+        shared,
+        reactors,
+        local_addr,
+    })
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Every reactor gets its own accept queue on the same port; the kernel spreads connections.
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Spawns the reactor threads.
+pub fn spawn(node: Node) -> anyhow::Result<(Arc<Shared>, Vec<JoinHandle<()>>, SocketAddr)> {
+    let mut threads = Vec::new();
+    for (i, reactor) in node.reactors.into_iter().enumerate() {
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("reactor-{i}"))
+                .spawn(move || reactor.run())
+                .context("cannot spawn a reactor thread")?,
+        );
+    }
+    Ok((node.shared, threads, node.local_addr))
+}
+
+/// Runs a node until it has drained after SIGTERM/SIGINT. A second signal exits at once.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let (signal_tx, signals) = mpsc::channel();
+    let mut hooks = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in hooks.forever() {
+                if signal_tx.send(signal).is_err() {
+                    break;
+                }
+            }
+        })?;
+    log::info!(
+        "fanout {} starting: listen={} threads={} broker={} max-message={} max-queue={} max-subscriptions={} max-connections={} ping-interval={:?} idle-timeout={:?} handshake-timeout={:?} drain-delay={:?} drain-time={:?} allowed-origins={:?} max-message-rate={}",
+        env!("CARGO_PKG_VERSION"),
+        config.listen,
+        config.threads,
+        config.redis.as_ref().map_or("embedded".to_string(), |u| format!("redis://{}:{}/{} prefix={:?}", u.host, u.port, u.db, config.redis_prefix)),
+        config.max_message,
+        config.max_queue,
+        config.max_subscriptions,
+        config.max_connections,
+        config.ping_interval,
+        config.idle_timeout,
+        config.handshake_timeout,
+        config.drain_delay,
+        config.drain_time,
+        config.allowed_origins,
+        config.max_message_rate,
+    );
+    let node = build(config)?;
+    node.shared.resolve_redis();
+    let (shared, threads, addr) = spawn(node)?;
+    log::info!("listening on {addr}");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    }
+    let mut drain_at: Option<Instant> = None;
+    let mut drained = false;
+    loop {
+        if threads.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        match signals.recv_timeout(Duration::from_millis(100)) {
+            Ok(signal) if drain_at.is_some() => {
+                log::warn!("signal {signal} during drain: exiting now");
+                std::process::exit(1);
+            }
+            Ok(signal) => {
+                let delay = shared.config.drain_delay;
+                log::info!("signal {signal}: draining; /readyz is 503; closing clients in {delay:?} over {:?}", shared.config.drain_time);
+                shared.draining.store(true, Ordering::Release);
+                drain_at = Some(Instant::now() + delay);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
+        }
+        if !drained && drain_at.is_some_and(|t| Instant::now() >= t) {
+            drained = true;
+            shared.drain(shared.config.drain_time);
+        }
+        if shared.config.redis.is_some()
+            && shared
+                .reactors
+                .iter()
+                .any(|r| !r.redis_up.load(Ordering::Acquire))
+        {
+            shared.resolve_redis();
+        }
+    }
+    let mut panicked = false;
+    for t in threads {
+        panicked |= t.join().is_err();
+    }
+    if panicked {
+        anyhow::bail!("a reactor thread panicked");
+    }
+    log::info!("drained; exiting");
+    Ok(())
+}
