@@ -21,7 +21,7 @@ use slab::Slab;
 use crate::broker::bus::Envelope;
 use crate::broker::channels::Channels;
 use crate::broker::redis::{Ack, RedisEvent, RedisLink};
-use crate::broker::Message;
+use crate::broker::{self, Message};
 use crate::connection::{Action, Close, Connection, Limits, Phase};
 use crate::http;
 use crate::metrics::{CloseReason, ReactorMetrics};
@@ -500,38 +500,31 @@ impl Reactor {
     /// Queues one message to every local subscriber of its channel: the raw frame and (built
     /// once, if anyone needs it) the JSON envelope are shared, not copied, per subscriber.
     pub fn deliver(&mut self, msg: &Message) {
-        let Some(channel) = self.channels.get(&msg.channel) else {
-            return;
-        };
-        let envelope = (channel.json_subscribers > 0)
-            .then(|| protocol::envelope(&channel.name, msg.payload(), &mut self.json_scratch));
         let max_queue = self.shared.config.max_queue;
+        let now_ms = self.now_ms;
+        let (conns, dirty, overflowed) = (&mut self.conns, &mut self.dirty, &mut self.overflowed);
         let mut delivered = 0;
-        for (_, sub) in channel.subscribers.iter() {
-            let conn = &mut self.conns[sub.conn];
+        broker::fanout(&self.channels, msg, &mut self.json_scratch, |key, frame| {
+            let conn = &mut conns[key];
             if !conn.is_open() {
-                continue;
+                return;
             }
-            let frame = match (&envelope, sub.json) {
-                (Some(envelope), true) => envelope.clone(),
-                _ => msg.frame.clone(),
-            };
-            if !conn.enqueue(frame, max_queue) {
-                // Its backlog is dropped now; it is unsubscribed and closed after this loop.
+            if !conn.enqueue(frame.clone(), max_queue) {
+                // Its backlog is dropped now; it is unsubscribed and closed after the fanout.
                 conn.discard_output();
                 conn.phase = Phase::Closing {
-                    since_ms: self.now_ms,
+                    since_ms: now_ms,
                     drop_after_flush: true,
                 };
-                self.overflowed.push(sub.conn);
-                continue;
+                overflowed.push(key);
+                return;
             }
             delivered += 1;
             if !conn.dirty {
                 conn.dirty = true;
-                self.dirty.push(sub.conn);
+                dirty.push(key);
             }
-        }
+        });
         self.metrics.deliveries.add(delivered);
         self.metrics.messages_out.add(delivered);
         for key in std::mem::take(&mut self.overflowed) {

@@ -11,7 +11,31 @@ pub mod redis;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol;
 use crate::ws::{FrameHeader, OpCode};
+
+/// Hands every local subscriber of `msg`'s channel the frame it should receive: the raw frame, or
+/// the JSON envelope, which is built here once for all JSON subscribers. `queue` gets a reference;
+/// cloning it is a reference-count increment. Returns how many subscribers were offered the message.
+pub fn fanout(
+    channels: &channels::Channels,
+    msg: &Message,
+    scratch: &mut Vec<u8>,
+    mut queue: impl FnMut(usize, &Bytes),
+) -> usize {
+    let Some(channel) = channels.get(&msg.channel) else {
+        return 0;
+    };
+    let envelope = (channel.json_subscribers > 0)
+        .then(|| protocol::envelope(&channel.name, msg.payload(), scratch));
+    for (_, sub) in channel.subscribers.iter() {
+        match (&envelope, sub.json) {
+            (Some(envelope), true) => queue(sub.conn, envelope),
+            _ => queue(sub.conn, &msg.frame),
+        }
+    }
+    channel.subscribers.len()
+}
 
 /// One published message, ready to queue to raw-mode subscribers.
 #[derive(Debug, Clone)]

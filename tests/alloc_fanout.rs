@@ -1,0 +1,257 @@
+//! Proves broadcast fanout makes no per-recipient allocation: a counting allocator measures the
+//! reactor turns that deliver one message to 1 and to 1000 subscribers over real sockets, for a
+//! message published by a local client and (when redis-server is installed) one arriving from Redis.
+//!
+//! The reactor is stepped on the test thread, and the allocator counts per thread, so client-side
+//! work done between turns and other tests running in parallel are not counted.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fanout::config::{Args, Config};
+use fanout::server::{build, Node};
+
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: defers every operation to the system allocator unchanged; the counter is a
+// const-initialised thread-local Cell with no destructor, so touching it never allocates.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+fn node(extra: &[&str]) -> Node {
+    let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--threads", "1"];
+    args.extend_from_slice(extra);
+    let config = Config::from_args(<Args as clap::Parser>::parse_from(args)).unwrap();
+    build(config).unwrap()
+}
+
+/// Steps the reactor until `done`, returning the allocations made inside its turns.
+fn pump(node: &mut Node, what: &str, mut done: impl FnMut(&Node) -> bool) -> u64 {
+    let mut events = mio::Events::with_capacity(1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut counted = 0;
+    while !done(node) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        let before = allocations();
+        node.reactors[0]
+            .turn(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+        counted += allocations() - before;
+    }
+    counted
+}
+
+fn deliveries(node: &Node) -> u64 {
+    node.shared.reactors[0].metrics.deliveries.get()
+}
+
+fn connect(addr: SocketAddr, channel: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /ws?channel={channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
+/// Opens `n` subscribers plus one publisher on channel `c`; waits until all are upgraded.
+fn subscribers(node: &mut Node, n: usize) -> (Vec<TcpStream>, TcpStream) {
+    let addr = node.local_addr;
+    let subs: Vec<TcpStream> = (0..n).map(|_| connect(addr, "c")).collect();
+    let publisher = connect(addr, "c");
+    pump(node, "upgrades", |node| {
+        node.shared.reactors[0].metrics.accepted.get() == n as u64 + 1
+    });
+    (subs, publisher)
+}
+
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![0x81, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads whatever is waiting on every client socket so their buffers never fill.
+fn drain_clients(clients: &mut [TcpStream]) {
+    let mut buf = [0u8; 4096];
+    for c in clients.iter_mut() {
+        c.set_nonblocking(true).unwrap();
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Fewest allocations seen across several publishes (after a warm-up one), so that a periodic
+/// timer firing inside one measured turn cannot skew the result.
+fn steady_allocations_local(n: usize) -> u64 {
+    let mut node = node(&[]);
+    let (mut subs, mut publisher) = subscribers(&mut node, n);
+    let mut fewest = u64::MAX;
+    for round in 0..6 {
+        let before = deliveries(&node);
+        publisher.write_all(&masked_text(b"hello")).unwrap();
+        let counted = pump(&mut node, "delivery", |node| {
+            deliveries(node) == before + n as u64 + 1
+        });
+        if round > 0 {
+            fewest = fewest.min(counted);
+        }
+        drain_clients(&mut subs);
+        drain_clients(std::slice::from_mut(&mut publisher));
+    }
+    fewest
+}
+
+#[test]
+fn local_fanout_allocations_do_not_grow_with_subscribers() {
+    let one = steady_allocations_local(1);
+    let thousand = steady_allocations_local(1000);
+    println!("allocations per message: 1 subscriber {one}, 1000 subscribers {thousand}");
+    assert_eq!(
+        one, thousand,
+        "allocations per message grow with subscribers"
+    );
+    assert!(
+        one <= 8,
+        "{one} allocations to deliver one message is more than expected"
+    );
+}
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis() -> Option<Redis> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(_) => return None,
+    };
+    let redis = Redis { child, port };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(redis)
+}
+
+fn redis_command(port: u16, args: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let mut node = node(&["--redis", &url]);
+    pump(&mut node, "redis link", |node| {
+        node.shared.readiness().is_ok()
+    });
+    let (mut subs, mut publisher) = subscribers(&mut node, n);
+    // Wait until Redis has registered this reactor's SUBSCRIBE.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !redis_command(redis.port, &["PUBSUB", "NUMSUB", "c"]).contains(":1") {
+        assert!(Instant::now() < deadline, "SUBSCRIBE never reached Redis");
+        let mut events = mio::Events::with_capacity(64);
+        node.reactors[0]
+            .turn(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
+    }
+    let mut fewest = u64::MAX;
+    for round in 0..6 {
+        let before = deliveries(&node);
+        redis_command(redis.port, &["PUBLISH", "c", "hello from redis"]);
+        let counted = pump(&mut node, "delivery from redis", |node| {
+            deliveries(node) == before + n as u64 + 1
+        });
+        if round > 0 {
+            fewest = fewest.min(counted);
+        }
+        drain_clients(&mut subs);
+        drain_clients(std::slice::from_mut(&mut publisher));
+    }
+    fewest
+}
+
+#[test]
+fn redis_fanout_allocations_do_not_grow_with_subscribers() {
+    let Some(redis) = redis() else {
+        panic!("redis-server is not installed; the test command installs it (see README)");
+    };
+    let one = steady_allocations_from_redis(&redis, 1);
+    let thousand = steady_allocations_from_redis(&redis, 1000);
+    println!("allocations per message from Redis: 1 subscriber {one}, 1000 subscribers {thousand}");
+    assert_eq!(
+        one, thousand,
+        "allocations per message grow with subscribers"
+    );
+    assert!(
+        one <= 12,
+        "{one} allocations to deliver one Redis message is more than expected"
+    );
+}
