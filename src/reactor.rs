@@ -76,6 +76,8 @@ pub struct Reactor {
     next_serial: u64,
     drain: Option<Drain>,
     accept_paused_until_ms: Option<u64>,
+    /// Refused upgrades already reported in the log, and when.
+    refused_logged: (u64, u64),
     stopped: bool,
 }
 
@@ -135,6 +137,7 @@ impl Reactor {
             next_serial: 1,
             drain: None,
             accept_paused_until_ms: None,
+            refused_logged: (0, 0),
             stopped: false,
         })
     }
@@ -323,7 +326,7 @@ impl Reactor {
                     req.path
                 ),
             )
-        } else if req.method != "GET" && !head_only {
+        } else if req.method != "GET" && (!head_only || req.path == "/ws") {
             http::response(
                 405,
                 "text/plain; charset=utf-8",
@@ -817,6 +820,22 @@ impl Reactor {
                 key,
                 Close::new(CloseCode::Away, "idle timeout", CloseReason::IdleTimeout),
             );
+        }
+        self.log_refused();
+    }
+
+    /// One log line per 10 s at most summarising upgrades refused by `--max-connections`.
+    fn log_refused(&mut self) {
+        let refused = self.metrics.refused.get();
+        let (logged, at_ms) = self.refused_logged;
+        if refused > logged && self.now_ms.saturating_sub(at_ms) >= 10_000 {
+            log::warn!(
+                "reactor {}: refused {} upgrades since the last report: --max-connections {} reached",
+                self.index,
+                refused - logged,
+                self.shared.config.max_connections
+            );
+            self.refused_logged = (refused, self.now_ms);
         }
     }
 
