@@ -127,13 +127,9 @@ async fn serve(listen: SocketAddr) -> std::io::Result<()> {
     }
 }
 
-/// The channel a request asks for, or the HTTP error it earns.
-fn channel_of(request: &Request) -> Result<String, ErrorResponse> {
-    let refuse = |status: StatusCode, why: &str| {
-        let mut response = ErrorResponse::new(Some(why.to_string()));
-        *response.status_mut() = status;
-        response
-    };
+/// The channel a request asks for, or the HTTP status and reason it earns.
+fn channel_of(request: &Request) -> Result<String, (StatusCode, &'static str)> {
+    let refuse = |status: StatusCode, why: &'static str| (status, why);
     if request.uri().path() != "/ws" {
         return Err(refuse(StatusCode::NOT_FOUND, "not found"));
     }
@@ -163,9 +159,18 @@ async fn handle(stream: TcpStream, topics: Topics) {
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
     let mut channel = String::new();
-    let callback = |request: &Request, response: Response| {
-        channel = channel_of(request)?;
-        Ok(response)
+    // The large error type is tungstenite's callback signature, not a choice made here.
+    #[allow(clippy::result_large_err)]
+    let callback = |request: &Request, response: Response| match channel_of(request) {
+        Ok(name) => {
+            channel = name;
+            Ok(response)
+        }
+        Err((status, why)) => {
+            let mut refusal = ErrorResponse::new(Some(why.to_string()));
+            *refusal.status_mut() = status;
+            Err(refusal)
+        }
     };
     let ws = match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
         .await
