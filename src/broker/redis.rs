@@ -33,6 +33,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(800);
 /// Most bytes read per readiness event, so a flood from Redis cannot starve clients.
 const READ_BUDGET: usize = 4 << 20;
+/// While Redis stays unreachable, how often the reason is repeated at warn level (every failed
+/// attempt is logged at debug level; one warn line per retry would flood the log).
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok`.
 #[derive(Debug, Clone)]
@@ -113,6 +116,10 @@ pub struct RedisLink {
     pub read_again: bool,
     ever_up: bool,
     reconnects: u64,
+    /// Connection attempts that failed since the link was last up.
+    failed_attempts: u64,
+    /// When a failed attempt was last logged at warn level, and why it failed.
+    last_warning: Option<(Instant, String)>,
 }
 
 impl RedisLink {
@@ -133,6 +140,8 @@ impl RedisLink {
             read_again: false,
             ever_up: false,
             reconnects: 0,
+            failed_attempts: 0,
+            last_warning: None,
         }
     }
 
@@ -156,11 +165,7 @@ impl RedisLink {
             State::Down { until } if now >= *until => match resolve() {
                 Some(addr) => self.connect(addr, now, registry),
                 None => {
-                    log::warn!(
-                        "redis: cannot resolve {}:{} yet; retrying",
-                        self.url.host,
-                        self.url.port
-                    );
+                    self.attempt_failed(now, "host name not resolved yet");
                     self.retry_later(now);
                 }
             },
@@ -199,7 +204,7 @@ impl RedisLink {
                 self.state = State::Connecting { stream, since: now };
             }
             Err(e) => {
-                log::warn!("redis: connect to {addr} failed: {e}");
+                self.attempt_failed(now, &format!("connect to {addr} failed: {e}"));
                 self.retry_later(now);
             }
         }
@@ -229,7 +234,7 @@ impl RedisLink {
         if was_up {
             log::warn!("redis: link down ({why}); reconnecting");
         } else {
-            log::debug!("redis: connection attempt failed ({why})");
+            self.attempt_failed(now, why);
         }
         for (pending, _) in self.pending.drain(..) {
             if let Pending::Publish(Some(ack)) = pending {
@@ -245,6 +250,28 @@ impl RedisLink {
         self.write_buf = BytesMut::new();
         self.read_again = false;
         self.retry_later(now);
+    }
+
+    /// Logs a failed connection attempt at warn level the first time, whenever the reason changes
+    /// and every `WARN_EVERY` while it lasts; an unreachable Redis or a wrong password must be
+    /// visible in the log without one line per retry.
+    fn attempt_failed(&mut self, now: Instant, why: &str) {
+        self.failed_attempts += 1;
+        let due = match &self.last_warning {
+            None => true,
+            Some((at, last_why)) => last_why != why || now.duration_since(*at) >= WARN_EVERY,
+        };
+        if due {
+            log::warn!(
+                "redis: cannot use {}:{} ({why}); retrying, /readyz stays 503 meanwhile ({} failed attempts)",
+                self.url.host,
+                self.url.port,
+                self.failed_attempts
+            );
+            self.last_warning = Some((now, why.to_string()));
+        } else {
+            log::debug!("redis: connection attempt failed ({why})");
+        }
     }
 
     /// Handles readiness of the Redis socket. Decoded events land in `self.events`.
@@ -421,7 +448,14 @@ impl RedisLink {
                     }
                     self.ever_up = true;
                     self.backoff = BACKOFF_MIN;
-                    log::info!("redis: link up ({}:{})", self.url.host, self.url.port);
+                    log::info!(
+                        "redis: link up ({}:{}) after {} failed attempts",
+                        self.url.host,
+                        self.url.port,
+                        self.failed_attempts
+                    );
+                    self.failed_attempts = 0;
+                    self.last_warning = None;
                     self.events.push_back(RedisEvent::Up);
                 }
             }
