@@ -988,3 +988,89 @@ fn password_and_database_from_the_url_are_used() {
     );
     stays_not_ready(&bad_db, Duration::from_millis(500));
 }
+
+#[test]
+fn a_channel_denied_by_redis_acl_does_not_break_the_others() {
+    let redis = PasswordRedis::start("s3cret");
+    let mut admin = RedisConn::open(redis.port, Some("s3cret"));
+    let created = admin.call(&[
+        b"ACL", b"SETUSER", b"limited", b"on", b">pw", b"&ok*", b"+@all",
+    ]);
+    assert_eq!(created, Reply::Simple("OK".into()));
+    let server = Server::start(&["--threads", "1", "--redis", &redis.url("limited:pw", 0)]);
+    assert!(
+        wait_status(server.addr, "/readyz", 200, 10 * SEC).is_some(),
+        "log:\n{}",
+        server.log()
+    );
+    let mut allowed = server.ws("/ws?channel=ok1");
+    let denied = server.ws("/ws?channel=forbidden");
+    assert!(
+        wait_log(&server, "SUBSCRIBE forbidden refused: NOPERM", 5 * SEC),
+        "the refused channel is logged; log:\n{}",
+        server.log()
+    );
+    let mut later = server.ws("/ws?channel=ok2");
+    let numsub = |channel: &[u8]| {
+        RedisConn::open(redis.port, Some("s3cret"))
+            .call(&[b"PUBSUB", b"NUMSUB", channel])
+            .items()[1]
+            .int()
+    };
+    let deadline = Instant::now() + 10 * SEC;
+    while numsub(b"ok1") != 1 || numsub(b"ok2") != 1 {
+        assert!(Instant::now() < deadline, "ok1/ok2 not subscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.metrics().get("fanout_redis_links_up"),
+        1.0,
+        "the link stayed up"
+    );
+    // Redis drops the link: the re-subscription sends all three channels in one SUBSCRIBE,
+    // which Redis refuses as a whole; the allowed ones must still end up subscribed.
+    let killed = admin.call(&[b"CLIENT", b"KILL", b"USER", b"limited"]);
+    assert_eq!(killed, Reply::Int(1), "one link to kill");
+    assert_eq!(
+        server.wait_metric("fanout_redis_reconnects_total", 1.0, 10 * SEC),
+        1.0
+    );
+    let deadline = Instant::now() + 10 * SEC;
+    while numsub(b"ok1") != 1 || numsub(b"ok2") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "ok1/ok2 not re-subscribed; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    allowed.send_text("still works");
+    assert_eq!(next_text(&mut allowed, "allowed channel"), "still works");
+    later.send_text("also works");
+    assert_eq!(next_text(&mut later, "channel joined later"), "also works");
+    // A publish to the denied channel is refused by Redis; a JSON client is told why.
+    let mut j = server.ws_json("/ws");
+    j.send_text(r#"{"op":"publish","channel":"forbidden","data":1,"id":1}"#);
+    let reply = next_json(&mut j, "publish to a denied channel");
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NOPERM"),
+        "{reply}"
+    );
+    let m = server.metrics();
+    assert_eq!(m.get("fanout_redis_links_up"), 1.0);
+    assert_eq!(
+        m.get("fanout_redis_reconnects_total"),
+        1.0,
+        "only the reconnect Redis forced; no reconnect loop"
+    );
+    assert_eq!(
+        m.get("fanout_connections_open"),
+        4.0,
+        "nobody was disconnected"
+    );
+    drop(denied);
+}

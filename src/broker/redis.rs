@@ -51,6 +51,14 @@ enum Pending {
     Select,
     Ping,
     Publish(Option<Ack>),
+    /// A SUBSCRIBE or UNSUBSCRIBE: answered by one push confirmation per channel, or by one
+    /// error for the whole command (an ACL that denies one channel refuses them all). Tracked
+    /// so such an error is not taken for the reply to the next command.
+    Interest {
+        subscribe: bool,
+        channels: Vec<Bytes>,
+        confirmed: usize,
+    },
 }
 
 /// What the link tells its reactor.
@@ -378,10 +386,7 @@ impl RedisLink {
 
     fn on_frame(&mut self, frame: BytesFrame, now: Instant) -> Result<(), String> {
         match frame {
-            BytesFrame::Push { data, .. } => {
-                self.on_push(data);
-                Ok(())
-            }
+            BytesFrame::Push { data, .. } => self.on_push(data),
             BytesFrame::SimpleError { data, .. } => self.on_reply(Err(data.to_string()), now),
             BytesFrame::BlobError { data, .. } => {
                 self.on_reply(Err(String::from_utf8_lossy(&data).into_owned()), now)
@@ -390,27 +395,103 @@ impl RedisLink {
         }
     }
 
-    fn on_push(&mut self, mut data: Vec<BytesFrame>) {
-        // ["message", channel, payload]; subscribe/unsubscribe confirmations need no action.
-        let is_message = matches!(data.first(), Some(BytesFrame::BlobString { data: kind, .. } | BytesFrame::SimpleString { data: kind, .. }) if &kind[..] == b"message");
-        if !is_message || data.len() != 3 {
-            return;
+    fn on_push(&mut self, mut data: Vec<BytesFrame>) -> Result<(), String> {
+        // ["message", channel, payload], or ["subscribe" | "unsubscribe", channel, count].
+        let kind = match data.first() {
+            Some(
+                BytesFrame::BlobString { data: kind, .. }
+                | BytesFrame::SimpleString { data: kind, .. },
+            ) => kind.clone(),
+            _ => return Ok(()),
+        };
+        match &kind[..] {
+            b"message" if data.len() == 3 => {}
+            b"subscribe" => return self.on_confirmation(true),
+            b"unsubscribe" => return self.on_confirmation(false),
+            _ => return Ok(()),
         }
         let (
             Some(BytesFrame::BlobString { data: payload, .. }),
             Some(BytesFrame::BlobString { data: channel, .. }),
         ) = (data.pop(), data.pop())
         else {
-            return;
+            return Ok(());
         };
         if let Some(name) = channel.strip_prefix(&self.prefix[..]) {
             let channel = channel.slice(self.prefix.len()..self.prefix.len() + name.len());
             self.events
                 .push_back(RedisEvent::Message { channel, payload });
         }
+        Ok(())
     }
 
-    fn on_reply(&mut self, result: Result<(), String>, _now: Instant) -> Result<(), String> {
+    /// One channel of the oldest SUBSCRIBE/UNSUBSCRIBE was confirmed.
+    fn on_confirmation(&mut self, subscribe: bool) -> Result<(), String> {
+        let done = match self.pending.front_mut() {
+            Some((
+                Pending::Interest {
+                    subscribe: waiting,
+                    channels,
+                    confirmed,
+                },
+                _,
+            )) if *waiting == subscribe => {
+                *confirmed += 1;
+                *confirmed >= channels.len()
+            }
+            other => {
+                return Err(format!(
+                    "unexpected {} confirmation while waiting for {other:?}",
+                    if subscribe {
+                        "subscribe"
+                    } else {
+                        "unsubscribe"
+                    }
+                ))
+            }
+        };
+        if done {
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+
+    /// A SUBSCRIBE was refused (typically an ACL denying a channel). Redis refuses the whole
+    /// command, so a batch is retried one channel at a time: only the denied channels stay
+    /// unsubscribed, and the link stays up for every other channel.
+    fn interest_refused(
+        &mut self,
+        subscribe: bool,
+        channels: Vec<Bytes>,
+        error: &str,
+        now: Instant,
+    ) {
+        if subscribe && channels.len() > 1 {
+            log::debug!(
+                "redis: SUBSCRIBE of {} channels refused ({error}); retrying one by one",
+                channels.len()
+            );
+            for name in channels {
+                self.interest_command(true, vec![name], now);
+            }
+            return;
+        }
+        let names: Vec<String> = channels
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        let verb = if subscribe {
+            "SUBSCRIBE"
+        } else {
+            "UNSUBSCRIBE"
+        };
+        log::warn!(
+            "redis: {verb} {} refused: {error}; this node gets no messages from Redis for it",
+            names.join(" ")
+        );
+    }
+
+    fn on_reply(&mut self, result: Result<(), String>, now: Instant) -> Result<(), String> {
         let Some((pending, _)) = self.pending.pop_front() else {
             return Err(format!(
                 "unexpected reply {result:?} with no command waiting"
@@ -431,6 +512,24 @@ impl RedisLink {
             }
             (Pending::Select, Err(e)) => {
                 return Err(format!("SELECT {} refused: {e}", self.url.db))
+            }
+            (
+                Pending::Interest {
+                    subscribe,
+                    channels,
+                    ..
+                },
+                Err(e),
+            ) => self.interest_refused(subscribe, channels, &e, now),
+            (Pending::Interest { subscribe, .. }, Ok(())) => {
+                return Err(format!(
+                    "a reply where {} confirmations were due",
+                    if subscribe {
+                        "SUBSCRIBE"
+                    } else {
+                        "UNSUBSCRIBE"
+                    }
+                ))
             }
             (Pending::Ping, Err(e)) => return Err(format!("PING refused: {e}")),
             (Pending::Ping, Ok(())) => {}
@@ -508,28 +607,38 @@ impl RedisLink {
         if !self.is_up() {
             return;
         }
+        let mut batch: Vec<Bytes> = Vec::new();
+        for name in channels {
+            batch.push(self.redis_name(name));
+            if batch.len() == 1000 {
+                self.interest_command(subscribe, std::mem::take(&mut batch), now);
+            }
+        }
+        if !batch.is_empty() {
+            self.interest_command(subscribe, batch, now);
+        }
+        self.flush(registry, now);
+    }
+
+    /// Queues one SUBSCRIBE or UNSUBSCRIBE for `channels` (Redis names, prefix included).
+    fn interest_command(&mut self, subscribe: bool, channels: Vec<Bytes>, now: Instant) {
         let verb: &'static [u8] = if subscribe {
             b"SUBSCRIBE"
         } else {
             b"UNSUBSCRIBE"
         };
-        let mut batch: Vec<Bytes> = Vec::new();
-        for name in channels {
-            batch.push(self.redis_name(name));
-            if batch.len() == 1000 {
-                encode_command(
-                    &mut self.write_buf,
-                    std::iter::once(Bytes::from_static(verb)).chain(batch.drain(..)),
-                );
-            }
-        }
-        if !batch.is_empty() {
-            encode_command(
-                &mut self.write_buf,
-                std::iter::once(Bytes::from_static(verb)).chain(batch),
-            );
-        }
-        self.flush(registry, now);
+        encode_command(
+            &mut self.write_buf,
+            std::iter::once(Bytes::from_static(verb)).chain(channels.iter().cloned()),
+        );
+        self.pending.push_back((
+            Pending::Interest {
+                subscribe,
+                channels,
+                confirmed: 0,
+            },
+            now,
+        ));
     }
 
     fn redis_name(&self, channel: &[u8]) -> Bytes {
