@@ -182,11 +182,24 @@ impl Connection {
         self.out.push_back(frame);
     }
 
-    /// Drops queued output (a slow consumer's backlog) and frees the queue.
+    /// Drops queued output (a slow consumer's backlog) and frees the queue. A frame already
+    /// partly written is kept: the peer would otherwise read whatever comes next (the close
+    /// frame) as the rest of its payload.
     pub fn discard_output(&mut self) {
+        let started = if self.out_offset > 0 {
+            self.out.pop_front()
+        } else {
+            None
+        };
         self.out = VecDeque::new();
-        self.out_offset = 0;
         self.out_bytes = 0;
+        match started {
+            Some(frame) => {
+                self.out_bytes = frame.len() - self.out_offset;
+                self.out.push_back(frame);
+            }
+            None => self.out_offset = 0,
+        }
     }
 
     /// Releases memory an idle connection no longer needs.
@@ -558,5 +571,72 @@ impl Connection {
         } else {
             self.start_close(close.code, &close.reason, now_ms, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A connection whose socket has a tiny send buffer, and the peer's end of it.
+    fn pair() -> (Connection, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        server.set_nonblocking(true).unwrap();
+        let conn = Connection::new(TcpStream::from_std(server), 1, 1);
+        (conn, peer)
+    }
+
+    #[test]
+    fn discarding_a_backlog_finishes_the_frame_already_on_the_wire() {
+        let (mut conn, mut peer) = pair();
+        // Far more than the peer's receive window before it starts reading.
+        let payload = vec![b'x'; 1 << 20];
+        assert!(conn.enqueue(Bytes::from(encode(OpCode::Binary, &payload)), 4 << 20));
+        assert!(conn.enqueue(Bytes::from(encode(OpCode::Binary, b"queued")), 4 << 20));
+        conn.flush().unwrap();
+        assert!(
+            conn.out_offset > 0,
+            "the first frame is only partly written"
+        );
+        conn.discard_output();
+        assert_eq!(conn.out.len(), 1, "only the started frame is kept");
+        conn.enqueue_control(Bytes::from(encode(
+            OpCode::Close,
+            &close_payload(1008, "slow consumer"),
+        )));
+        // Flush the rest while the peer reads everything.
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).unwrap();
+            all
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while conn.has_output() {
+            assert!(std::time::Instant::now() < deadline, "flush stalled");
+            conn.flush().unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(conn.out_bytes, 0);
+        conn.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        let wire = reader.join().unwrap();
+        let first = FrameHeader::parse(&wire, false, u64::MAX >> 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (first.opcode, first.payload_len),
+            (OpCode::Binary, payload.len() as u64)
+        );
+        let rest = &wire[first.header_len + payload.len()..];
+        assert_eq!(
+            rest,
+            &encode(OpCode::Close, &close_payload(1008, "slow consumer"))[..],
+            "the close frame follows the whole frame; the queued one is gone"
+        );
     }
 }

@@ -78,10 +78,19 @@ struct Wire<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+}
+
+/// A field that is present, even as `null`: plain `Option` would turn `"id":null` into "no id"
+/// and `"data":null` into "missing data", yet null is a JSON value to echo or publish like any other.
+fn present<'de, D>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Parses one text frame of the JSON protocol.
@@ -269,6 +278,22 @@ mod tests {
         );
         assert!(parse_command(br#"{"op":"publish","channel":"c"}"#).is_err());
         assert!(parse_command(br#"[1,2]"#).is_err());
+        // null is a value like any other: echoed as an id, published as data.
+        let r = parse_command(br#"{"op":"publish","channel":"c","data":null,"id":null}"#).unwrap();
+        assert_eq!(r.id, Some("null"));
+        assert_eq!(
+            r.command,
+            Command::Publish {
+                channel: "c".into(),
+                payload: Cow::Borrowed(b"null")
+            }
+        );
+        assert_eq!(
+            parse_command(br#"{"op":"subscribe","channel":"c"}"#)
+                .unwrap()
+                .id,
+            None
+        );
     }
 
     #[test]

@@ -1,0 +1,782 @@
+//! The server core end to end, against a real `fanout` process over real sockets: raw mode and
+//! the `fanout.json` protocol (replies, ids, payload conversion between the modes, errors,
+//! limits), delivery across several reactors and many channels (every message exactly once, only
+//! to its own channel), a slow consumer cut off with bounded memory while the others get
+//! everything, SIGTERM's close 1001, and configuration errors and `--help`.
+
+mod ops_support;
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ops_support::*;
+use serde_json::{json, Value};
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// Next data frame as (opcode, payload); panics with `who` on timeout.
+fn next(ws: &mut Ws, who: &str) -> (u8, Vec<u8>) {
+    let f = ws
+        .recv(10 * SEC)
+        .unwrap_or_else(|e| panic!("{who}: expected a message: {e}"));
+    (f.opcode, f.payload)
+}
+
+fn text(ws: &mut Ws, who: &str) -> String {
+    let (op, payload) = next(ws, who);
+    assert_eq!(op, TEXT, "{who}: expected text");
+    String::from_utf8(payload).unwrap_or_else(|e| panic!("{who}: not UTF-8: {e}"))
+}
+
+/// Next text frame parsed as JSON.
+fn json_msg(ws: &mut Ws, who: &str) -> Value {
+    let t = text(ws, who);
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{who}: reply {t:?} is not JSON: {e}"))
+}
+
+/// Sends one command and checks the error reply: its id and a phrase of its message.
+fn expect_error(ws: &mut Ws, command: &[u8], id: Option<Value>, phrase: &str) {
+    ws.send(TEXT, command).unwrap();
+    let reply = json_msg(ws, "error reply");
+    assert_eq!(
+        reply["op"],
+        "error",
+        "{}: {reply}",
+        String::from_utf8_lossy(command)
+    );
+    assert_eq!(reply.get("id").cloned(), id, "id echoed in {reply}");
+    let message = reply["error"].as_str().expect("error is a string");
+    assert!(
+        message.contains(phrase),
+        "{}: error {message:?} should mention {phrase:?}",
+        String::from_utf8_lossy(command)
+    );
+}
+
+#[test]
+fn raw_mode_publishes_verbatim_to_its_own_channel_only() {
+    // One reactor, so "nothing leaked" can be checked by ordering against a later marker.
+    let server = Server::start(&["--threads", "1"]);
+    let mut a = server.ws("/ws?channel=room");
+    let mut b = server.ws("/ws?channel=room");
+    let mut other = server.ws("/ws?channel=other");
+    let mut chat_default = server.ws("/ws");
+    let mut chat_named = server.ws("/ws?channel=chat");
+
+    // Each round is received before the next sender starts: the order between two
+    // publishers is only defined by time.
+    a.send_text("hello");
+    for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(next(ws, who), (TEXT, b"hello".to_vec()));
+    }
+    let binary = [0u8, 1, 0x7f, 0xfe, 0xff];
+    b.send(BINARY, &binary).unwrap();
+    for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(
+            next(ws, who),
+            (BINARY, binary.to_vec()),
+            "binary stays binary"
+        );
+    }
+    // A raw client cannot address another channel: JSON-looking text is just a payload.
+    let looks_like_a_command = r#"{"op":"publish","channel":"other","data":"x"}"#;
+    a.send_text(looks_like_a_command);
+    a.send(TEXT, b"").unwrap();
+    for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
+        assert_eq!(
+            next(ws, who),
+            (TEXT, looks_like_a_command.as_bytes().to_vec())
+        );
+        assert_eq!(next(ws, who), (TEXT, Vec::new()), "empty message");
+    }
+    chat_default.send_text("in chat");
+    for (ws, who) in [(&mut chat_default, "default"), (&mut chat_named, "chat")] {
+        assert_eq!(text(ws, who), "in chat", "no ?channel= means channel chat");
+    }
+    // Everything above was handled before these markers: a leak would arrive first.
+    other.send_text("marker");
+    assert_eq!(text(&mut other, "other"), "marker");
+    chat_named.send_text("chat marker");
+    assert_eq!(text(&mut chat_default, "default"), "chat marker");
+    assert_eq!(text(&mut chat_named, "chat"), "chat marker");
+    a.send_text("room marker");
+    assert_eq!(text(&mut b, "b"), "room marker");
+    let m = server.metrics();
+    assert_eq!(m.get("fanout_publishes_total"), 8.0);
+    assert_eq!(
+        m.get("fanout_deliveries_total"),
+        (4 * 2 + 2 + 1 + 2 + 2) as f64,
+        "no delivery outside the publisher's channel"
+    );
+}
+
+#[test]
+fn json_mode_commands_replies_and_payload_rules() {
+    let server = Server::start(&["--threads", "1", "--max-subscriptions", "3"]);
+    // The subprotocol is echoed when offered (among others), and only then.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let (status, head, _) = handshake(&mut s, "/ws", Some("chat, fanout.json")).unwrap();
+    assert_eq!(status, 101, "{head}");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: fanout.json\r\n"),
+        "{head}"
+    );
+    let mut j = Ws::from_stream(s);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let (status, head, _) = handshake(&mut s, "/ws?channel=proto", Some("chat")).unwrap();
+    assert_eq!(status, 101, "{head}");
+    assert!(!head.contains("Sec-WebSocket-Protocol"), "{head}");
+    let mut not_json = Ws::from_stream(s);
+    not_json.send_text(r#"{"op":"subscribe","channel":"news"}"#);
+    assert_eq!(
+        text(&mut not_json, "raw"),
+        r#"{"op":"subscribe","channel":"news"}"#,
+        "without fanout.json a command is just a raw message"
+    );
+
+    // Ids of any JSON type come back verbatim, byte for byte.
+    j.send_text(r#"{"op":"subscribe","channel":"news","id":1}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":1}"#);
+    j.send_text(r#"{"id":"s-2","op":"subscribe","channel":"news"}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":"s-2"}"#);
+    j.send_text(r#"{"op":"unsubscribe","channel":"never-joined","id":{"k": [1, 2.50, "x"]}}"#);
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"ok","id":{"k": [1, 2.50, "x"]}}"#
+    );
+    j.send_text(r#"{"op":"subscribe","channel":"side"}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok"}"#);
+    j.send_text(r#"{"op":"unsubscribe","channel":"x","id":null}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":null}"#);
+
+    let mut raw = server.ws("/ws?channel=news");
+    // ?channel= on a JSON connection subscribes at once, without a reply.
+    let mut j2 = server.ws_json("/ws?channel=news");
+    let mut p = server.ws_json("/ws");
+
+    // JSON data is published as its JSON text, verbatim (spacing included).
+    p.send_text(r#"{"op":"publish","channel":"news","data":{"any": "JSON value"},"id":3}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":3}"#);
+    let delivery = r#"{"op":"message","channel":"news","data":{"any": "JSON value"}}"#;
+    assert_eq!(text(&mut j, "j"), delivery);
+    assert_eq!(text(&mut j2, "j2"), delivery);
+    assert_eq!(text(&mut raw, "raw"), r#"{"any": "JSON value"}"#);
+    // A string publishes its bytes: raw sees them unquoted and unescaped.
+    p.send_text(r#"{"op":"publish","channel":"news","data":"hello","id":4}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":4}"#);
+    assert_eq!(text(&mut raw, "raw"), "hello");
+    let hello = r#"{"op":"message","channel":"news","data":"hello"}"#;
+    assert_eq!(text(&mut j, "j"), hello);
+    p.send_text(r#"{"op":"publish","channel":"news","data":"h\u00e9 \"q\""}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok"}"#);
+    assert_eq!(text(&mut raw, "raw"), "hé \"q\"");
+    assert_eq!(
+        json_msg(&mut j, "j"),
+        json!({"op":"message","channel":"news","data":"hé \"q\""})
+    );
+    p.send_text(r#"{"op":"publish","channel":"news","data":42}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok"}"#);
+    assert_eq!(text(&mut raw, "raw"), "42");
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":42}"#
+    );
+
+    p.send_text(r#"{"op":"publish","channel":"news","data":null,"id":null}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":null}"#);
+    assert_eq!(text(&mut raw, "raw"), "null");
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":null}"#
+    );
+
+    // Raw publishes as JSON subscribers see them.
+    raw.send_text("hello");
+    assert_eq!(text(&mut j, "j"), hello, "raw hello == JSON \"hello\"");
+    raw.send_text(r#"[1, {"b":null}]"#);
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":[1, {"b":null}]}"#
+    );
+    raw.send(BINARY, &[0xff, 0x00, 0x10]).unwrap();
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":"/wAQ","encoding":"base64"}"#
+    );
+    raw.send(BINARY, b"plain").unwrap();
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":"plain"}"#
+    );
+    for want in [
+        (TEXT, b"hello".to_vec()),
+        (TEXT, br#"[1, {"b":null}]"#.to_vec()),
+        (BINARY, vec![0xff, 0x00, 0x10]),
+        (BINARY, b"plain".to_vec()),
+    ] {
+        assert_eq!(
+            next(&mut raw, "raw"),
+            want,
+            "raw subscriber keeps text/binary"
+        );
+    }
+    for _ in 0..8 {
+        json_msg(&mut j2, "j2");
+    }
+
+    // Errors: a reply that says what is wrong; the connection stays open.
+    expect_error(
+        &mut p,
+        br#"{"op":"jump","id":7}"#,
+        Some(json!(7)),
+        "unknown op",
+    );
+    expect_error(
+        &mut p,
+        br#"{"channel":"news","id":8}"#,
+        Some(json!(8)),
+        "missing \"op\"",
+    );
+    expect_error(
+        &mut p,
+        br#"{"op":"subscribe","id":"nine"}"#,
+        Some(json!("nine")),
+        "needs a \"channel\"",
+    );
+    expect_error(
+        &mut p,
+        br#"{"op":"publish","channel":"news","id":10}"#,
+        Some(json!(10)),
+        "needs \"data\"",
+    );
+    expect_error(
+        &mut p,
+        br#"{"op":"subscribe","channel":"a b","id":11}"#,
+        Some(json!(11)),
+        "channel name",
+    );
+    let long = format!(
+        r#"{{"op":"subscribe","channel":"{}","id":12}}"#,
+        "c".repeat(129)
+    );
+    expect_error(&mut p, long.as_bytes(), Some(json!(12)), "limit is 128");
+    expect_error(
+        &mut p,
+        br#"{"op":"unsubscribe","channel":"","id":13}"#,
+        Some(json!(13)),
+        "empty",
+    );
+    expect_error(
+        &mut p,
+        br#"{"op":"publish","channel":"n/a","data":1,"id":14}"#,
+        Some(json!(14)),
+        "channel name",
+    );
+    expect_error(&mut p, b"not json", None, "invalid command");
+    expect_error(&mut p, b"[1,2]", None, "invalid command");
+    expect_error(&mut p, b"", None, "invalid command");
+    p.send(BINARY, br#"{"op":"subscribe","channel":"news"}"#)
+        .unwrap();
+    let reply = json_msg(&mut p, "p");
+    assert_eq!(reply["op"], "error");
+    assert!(
+        reply["error"].as_str().unwrap().contains("binary"),
+        "{reply}"
+    );
+    // Nothing was published or subscribed by the failed commands.
+    p.send_text(r#"{"op":"publish","channel":"news","data":"still here","id":15}"#);
+    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":15}"#);
+    assert_eq!(text(&mut raw, "raw"), "still here");
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"news","data":"still here"}"#
+    );
+
+    // After unsubscribe, no more deliveries: the next thing j sees is a later publish elsewhere.
+    j.send_text(r#"{"op":"unsubscribe","channel":"news","id":16}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":16}"#);
+    p.send_text(r#"{"op":"publish","channel":"news","data":"gone"}"#);
+    p.send_text(r#"{"op":"publish","channel":"side","data":"marker"}"#);
+    assert_eq!(text(&mut raw, "raw"), "gone");
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"side","data":"marker"}"#
+    );
+
+    // --max-subscriptions 3: j holds side; a and b fill it; c is refused until one is left.
+    for (ch, id) in [("a", 17), ("b", 18)] {
+        j.send_text(&format!(
+            r#"{{"op":"subscribe","channel":"{ch}","id":{id}}}"#
+        ));
+        assert_eq!(text(&mut j, "j"), format!(r#"{{"op":"ok","id":{id}}}"#));
+    }
+    expect_error(
+        &mut j,
+        br#"{"op":"subscribe","channel":"c","id":19}"#,
+        Some(json!(19)),
+        "subscription limit",
+    );
+    j.send_text(r#"{"op":"subscribe","channel":"a","id":20}"#);
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"ok","id":20}"#,
+        "re-subscribing is not a new channel"
+    );
+    j.send_text(r#"{"op":"unsubscribe","channel":"a","id":21}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":21}"#);
+    j.send_text(r#"{"op":"subscribe","channel":"c","id":22}"#);
+    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":22}"#);
+    p.send_text(r#"{"op":"publish","channel":"c","data":"to c"}"#);
+    assert_eq!(
+        text(&mut j, "j"),
+        r#"{"op":"message","channel":"c","data":"to c"}"#
+    );
+    let m = server.metrics();
+    assert_eq!(
+        m.get("fanout_connections_open"),
+        5.0,
+        "errors closed no connection"
+    );
+    assert_eq!(m.closed("protocol_error"), 0.0);
+}
+
+/// Messages each client received, grouped by publisher: publisher -> sequence numbers.
+type Received = BTreeMap<usize, Vec<usize>>;
+
+#[test]
+fn several_reactors_deliver_every_message_exactly_once() {
+    const CLIENTS: usize = 40;
+    const EACH: usize = 5;
+    let server = Server::start(&["--threads", "4"]);
+    // Every fourth client speaks JSON, so envelopes are built on every reactor too.
+    let is_json = |i: usize| i % 4 == 0;
+    let mut clients: Vec<Ws> = (0..CLIENTS)
+        .map(|i| {
+            if is_json(i) {
+                server.ws_json("/ws?channel=all")
+            } else {
+                server.ws("/ws?channel=all")
+            }
+        })
+        .collect();
+    assert_eq!(
+        server.wait_metric("fanout_connections_open", CLIENTS as f64, 10 * SEC),
+        CLIENTS as f64
+    );
+    // The channel gauge counts the channel once per reactor that has a subscriber to it.
+    let reactors_used = server.metrics().get("fanout_channels");
+    assert!(
+        reactors_used >= 2.0,
+        "{CLIENTS} connections all landed on one of 4 reactors ({reactors_used})"
+    );
+    for k in 0..EACH {
+        for (i, ws) in clients.iter_mut().enumerate() {
+            let payload = format!("m{i}-{k}");
+            if is_json(i) {
+                ws.send_text(&format!(
+                    r#"{{"op":"publish","channel":"all","data":"{payload}","id":{k}}}"#
+                ));
+            } else {
+                ws.send_text(&payload);
+            }
+        }
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let who = format!("client {i}");
+        let mut got = Received::new();
+        let mut oks = 0;
+        while got.values().map(Vec::len).sum::<usize>() < CLIENTS * EACH {
+            let t = text(ws, &who);
+            let payload = if is_json(i) {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["op"] == "ok" {
+                    oks += 1;
+                    continue;
+                }
+                assert_eq!(v["op"], "message", "{who}: {t}");
+                assert_eq!(v["channel"], "all");
+                v["data"].as_str().unwrap().to_string()
+            } else {
+                t
+            };
+            let (from, seq) = payload
+                .strip_prefix('m')
+                .and_then(|p| p.split_once('-'))
+                .unwrap_or_else(|| panic!("{who}: unexpected payload {payload:?}"));
+            got.entry(from.parse().unwrap())
+                .or_default()
+                .push(seq.parse().unwrap());
+        }
+        assert_eq!(got.len(), CLIENTS, "{who}: heard from every client");
+        for (from, seqs) in &got {
+            assert_eq!(
+                seqs,
+                &(0..EACH).collect::<Vec<_>>(),
+                "{who}: messages of client {from} exactly once and in order"
+            );
+        }
+        if is_json(i) {
+            while oks < EACH {
+                assert_eq!(json_msg(ws, &who)["op"], "ok");
+                oks += 1;
+            }
+        }
+    }
+    let m = server.metrics();
+    assert_eq!(m.get("fanout_publishes_total"), (CLIENTS * EACH) as f64);
+    assert_eq!(
+        m.get("fanout_deliveries_total"),
+        (CLIENTS * CLIENTS * EACH) as f64,
+        "no duplicate deliveries"
+    );
+}
+
+#[test]
+fn many_channels_keep_their_messages_to_themselves() {
+    const CHANNELS: usize = 200;
+    const SUBS: usize = 3;
+    let server = Server::start(&["--threads", "2"]);
+    let mut subs: Vec<Vec<Ws>> = (0..CHANNELS)
+        .map(|c| {
+            (0..SUBS)
+                .map(|_| server.ws(&format!("/ws?channel=ch.{c}")))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        server.wait_metric(
+            "fanout_connections_open",
+            (CHANNELS * SUBS) as f64,
+            10 * SEC
+        ),
+        (CHANNELS * SUBS) as f64
+    );
+    // Two rounds, a different publisher in each channel per round.
+    for round in 0..2 {
+        for (c, group) in subs.iter_mut().enumerate() {
+            group[round].send_text(&format!("round {round} channel {c}"));
+        }
+        for (c, group) in subs.iter_mut().enumerate() {
+            for (s, ws) in group.iter_mut().enumerate() {
+                assert_eq!(
+                    text(ws, &format!("channel {c} subscriber {s}")),
+                    format!("round {round} channel {c}")
+                );
+            }
+        }
+    }
+    let m = server.metrics();
+    assert_eq!(m.get("fanout_publishes_total"), (2 * CHANNELS) as f64);
+    assert_eq!(
+        m.get("fanout_deliveries_total"),
+        (2 * CHANNELS * SUBS) as f64,
+        "a delivery outside a channel would be counted here"
+    );
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+const FLOOD: usize = 8000;
+const FLOOD_SIZE: usize = 4096;
+
+/// A flood message: its sequence number, padded.
+fn flood_message(seq: usize) -> Vec<u8> {
+    let mut m = format!("{seq:08}").into_bytes();
+    m.resize(FLOOD_SIZE, b'.');
+    m
+}
+
+/// Reads until `FLOOD` messages arrived (checking they come in order) or the socket ends.
+fn read_flood(mut ws: Ws, stop: Arc<AtomicBool>) -> io::Result<(usize, Ws)> {
+    let mut seq = 0;
+    while seq < FLOOD && !stop.load(Ordering::Relaxed) {
+        let f = ws.recv(30 * SEC)?;
+        assert_eq!(f.opcode, TEXT, "{f:?}");
+        assert_eq!(f.payload, flood_message(seq), "message {seq}");
+        seq += 1;
+    }
+    Ok((seq, ws))
+}
+
+#[test]
+fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
+    // The queue limit must hold what one read turn can queue (a few 64 KiB reads of the
+    // publisher), or fast readers would be cut too; it is still half the default.
+    let server = Server::start(&[
+        "--threads",
+        "1",
+        "--max-queue",
+        "524288",
+        "--max-message",
+        "8192",
+    ]);
+    let slow = {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&server.addr.into()).unwrap();
+        let mut stream: TcpStream = sock.into();
+        let (status, head, _) = handshake(&mut stream, "/ws?channel=flood", None).unwrap();
+        assert_eq!(status, 101, "{head}");
+        Ws::from_stream(stream)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let ws = server.ws("/ws?channel=flood");
+            let stop = stop.clone();
+            std::thread::spawn(move || read_flood(ws, stop))
+        })
+        .collect();
+    let publisher = server.ws("/ws?channel=flood");
+    let mut writer = publisher.stream.try_clone().unwrap();
+    let own = {
+        let stop = stop.clone();
+        std::thread::spawn(move || read_flood(publisher, stop))
+    };
+    assert_eq!(
+        server.wait_metric("fanout_connections_open", 4.0, 10 * SEC),
+        4.0
+    );
+    let rss_before = rss_kib(server.pid());
+    let mut peak = rss_before;
+    for seq in 0..FLOOD {
+        writer
+            .write_all(&client_frame(TEXT, &flood_message(seq)))
+            .expect("publisher write");
+        if seq % 500 == 0 {
+            peak = peak.max(rss_kib(server.pid()));
+        }
+    }
+    let (mut counts, mut fast) = (Vec::new(), Vec::new());
+    for r in readers.into_iter().chain([own]) {
+        let (count, ws) = r.join().unwrap().expect("fast reader");
+        counts.push(count);
+        fast.push(ws);
+    }
+    stop.store(true, Ordering::Relaxed);
+    peak = peak.max(rss_kib(server.pid()));
+    assert_eq!(
+        counts,
+        vec![FLOOD; 3],
+        "every fast subscriber got every message"
+    );
+    let flood_kib = (FLOOD * FLOOD_SIZE / 1024) as u64;
+    eprintln!("server RSS {rss_before} KiB before, peak {peak} KiB during a {flood_kib} KiB flood");
+    assert!(
+        peak - rss_before < flood_kib / 2,
+        "server RSS grew {} KiB during a {flood_kib} KiB flood: the slow consumer's backlog is not bounded",
+        peak - rss_before
+    );
+    let m = server.metrics();
+    assert_eq!(m.closed("slow_consumer"), 1.0);
+    assert_eq!(m.get("fanout_connections_open"), 3.0);
+    // What the slow client finds when it reads at last: whole messages in order, then a close
+    // 1008 "slow consumer" (if it fit in the socket) and the end of the stream.
+    let mut slow = slow;
+    let mut seq = 0;
+    let mut close = None;
+    let give_up = Instant::now() + 20 * SEC;
+    loop {
+        assert!(Instant::now() < give_up, "slow client's stream never ended");
+        match slow.recv(5 * SEC) {
+            Ok(f) if f.opcode == CLOSE => {
+                close = f.close_code();
+                break;
+            }
+            Ok(f) => {
+                assert_eq!(
+                    (f.opcode, &f.payload),
+                    (TEXT, &flood_message(seq)),
+                    "slow client's message {seq} is whole and in order"
+                );
+                seq += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => panic!("slow client still open"),
+            Err(_) => break,
+        }
+    }
+    assert!(seq < FLOOD, "the slow client was cut before the end");
+    if let Some((code, reason)) = close {
+        assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
+    }
+    assert!(slow.wait_eof(5 * SEC), "slow client's socket closed");
+    // The fast subscribers stayed open until here.
+    drop(fast);
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_zero() {
+    let mut server = Server::start(&[
+        "--threads",
+        "2",
+        "--drain-delay",
+        "0.2",
+        "--drain-time",
+        "0.3",
+    ]);
+    let mut raw = server.ws("/ws?channel=bye");
+    let mut json = server.ws_json("/ws?channel=bye");
+    // Never answers the close: the server must not wait for it forever.
+    let mut mute = server.ws("/ws?channel=bye");
+    // Mid-way through its HTTP request when the drain comes.
+    let mut half = TcpStream::connect(server.addr).unwrap();
+    half.write_all(b"GET /ws?channel=bye HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    assert_eq!(
+        server.wait_metric("fanout_connections_open", 3.0, 5 * SEC),
+        3.0
+    );
+    let t0 = Instant::now();
+    server.signal("TERM");
+    for (ws, who) in [(&mut raw, "raw"), (&mut json, "json"), (&mut mute, "mute")] {
+        let (code, reason) = ws
+            .recv_close(5 * SEC)
+            .unwrap_or_else(|e| panic!("{who}: no close: {e}"));
+        assert_eq!(
+            (code, reason.as_str()),
+            (1001, "server shutting down"),
+            "{who}"
+        );
+    }
+    for ws in [&mut raw, &mut json] {
+        ws.send_close(1001).unwrap();
+        assert!(ws.wait_eof(5 * SEC), "socket closed after the handshake");
+    }
+    let mut half_ws = Ws::from_stream(half.try_clone().unwrap());
+    assert!(
+        half_ws.wait_eof(5 * SEC),
+        "half request dropped by the drain"
+    );
+    let status = server
+        .wait_exit(10 * SEC)
+        .expect("process exits after the drain");
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    // Delay + drain time + the 2 s a closing client gets to answer, plus slack.
+    assert!(
+        took < Duration::from_secs_f64(0.5 + 2.0 + 2.5),
+        "exit took {took:?}"
+    );
+    assert!(
+        TcpStream::connect(server.addr).is_err(),
+        "nothing listens after exit"
+    );
+    assert!(mute.wait_eof(SEC), "mute client's socket is gone");
+    let log = server.log();
+    assert!(log.contains("drained; exiting"), "{log}");
+}
+
+/// Runs the binary with `args` (and `env`), expecting it to stop at once.
+fn run_fanout(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(fanout_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout");
+    let status = wait_exit(&mut child, 10 * SEC);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_option() {
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&["--max-message", "abc"], &[], "--max-message"),
+        (&["--max-message", "1"], &[], "--max-message"),
+        (&["--threads", "0"], &[], "--threads"),
+        (&["--threads", "many"], &[], "--threads"),
+        (&["--listen", "nonsense"], &[], "--listen"),
+        (&["--redis", "ftp://x"], &[], "--redis"),
+        (&["--redis", "redis://host:notaport"], &[], "--redis"),
+        (
+            &["--max-queue", "2000", "--max-message", "4000"],
+            &[],
+            "--max-queue",
+        ),
+        (&["--ping-interval=-1"], &[], "--ping-interval"),
+        (&["--idle-timeout", "soon"], &[], "--idle-timeout"),
+        (&["--drain-time", "NaN"], &[], "--drain-time"),
+        (&["--max-message-rate=-5"], &[], "--max-message-rate"),
+        (&["--log-level", "loud"], &[], "--log-level"),
+        (&["--no-such-flag"], &[], "--no-such-flag"),
+        (&[], &[("FANOUT_MAX_MESSAGE", "abc")], "--max-message"),
+        (&[], &[("FANOUT_THREADS", "0")], "--threads"),
+    ];
+    for (args, env, option) in cases {
+        let mut all = args.to_vec();
+        if !args.contains(&"--listen") {
+            // Should a bad value be accepted, the node must not grab a real port.
+            all.extend(["--listen", "127.0.0.1:0"]);
+        }
+        let (code, stdout, stderr) = run_fanout(&all, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: stderr {stderr:?}");
+        assert!(
+            stderr.contains(option),
+            "{args:?} {env:?}: message must name {option}: {stderr:?}"
+        );
+        assert!(
+            !stdout.contains("listening on"),
+            "{args:?}: started anyway: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_every_option_with_its_environment_variable() {
+    let (code, stdout, _) = run_fanout(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    // Clap prints one block per option, each starting with its flag.
+    let blocks: Vec<&str> = stdout.split("\n      --").skip(1).collect();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut documented = 0;
+    for row in readme.lines().filter(|l| l.starts_with("| `--")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let flag = cells[1]
+            .trim_matches('`')
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_start_matches("--");
+        let env = cells[2].trim_matches('`');
+        let block = blocks
+            .iter()
+            .find(|b| b.starts_with(&format!("{flag} ")))
+            .unwrap_or_else(|| panic!("--help does not list --{flag}:\n{stdout}"));
+        assert!(
+            block.contains(&format!("[env: {env}=")),
+            "--help entry for --{flag} lacks {env}: {block}"
+        );
+        documented += 1;
+    }
+    assert_eq!(documented, 16, "README documents 16 options");
+    assert_eq!(
+        blocks.len(),
+        16,
+        "--help lists an option the README does not: {stdout}"
+    );
+}
