@@ -274,6 +274,15 @@ fn barrier(port: u16, redis_channel: &str, clients: &mut [&mut Ws]) {
     }
 }
 
+/// Fails if any of `clients` still has a message coming: a second copy delivered by another
+/// path (say, locally and again through Redis) may come after the last expected message, so
+/// the test's end marker alone cannot show there is none. Redis executes these probes after
+/// every PUBLISH the nodes sent before the clients read their last message, so a duplicate
+/// arrives before the probes and [`barrier`] fails on it.
+fn assert_nothing_more(port: u16, redis_channel: &str, clients: &mut [&mut Ws]) {
+    barrier(port, redis_channel, clients);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Exactly once across two and three nodes.
 
@@ -317,6 +326,11 @@ fn every_client_on_every_node_gets_each_message_once(nodes: usize) {
         );
         assert_eq!(order, want, "client {i} on node {n}: missing or reordered");
     }
+    assert_nothing_more(
+        redis.port,
+        "room",
+        &mut clients.iter_mut().map(|(_, ws)| ws).collect::<Vec<_>>(),
+    );
 }
 
 #[test]
@@ -372,6 +386,11 @@ fn json_publish_is_acknowledged_and_delivered_on_both_nodes() {
     );
     let raw: Value = serde_json::from_str(&next_text(&mut raw2, "node 2 raw client")).unwrap();
     assert_eq!(raw, data, "a raw client gets the JSON text of `data`");
+    assert_nothing_more(
+        redis.port,
+        "news",
+        &mut [&mut publisher, &mut json2, &mut raw2],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,6 +434,10 @@ fn five_hundred_messages_arrive_in_order_on_every_node() {
             "JSON subscriber, message {want}"
         );
     }
+    let mut all: Vec<&mut Ws> = raw.iter_mut().collect();
+    all.push(&mut sender);
+    all.push(&mut json_sub);
+    assert_nothing_more(redis.port, "seq", &mut all);
 }
 
 // ---------------------------------------------------------------------------------------------
