@@ -3,11 +3,13 @@
 //! real sockets. It checks what README "Scale out with Redis" promises: every client on every node
 //! gets each message exactly once and in order, external `PUBLISH`es arrive, the prefix is applied,
 //! a node's Redis interest follows its local clients, the link survives Redis restarts and a Redis
-//! that is down at start, and bad `--redis` URLs, passwords and databases are reported.
+//! that is down at start, bad `--redis` URLs, passwords and databases are reported, and a channel
+//! that a Redis ACL denies breaks neither the link nor the other channels.
 //!
 //! Before counting deliveries every test waits, with [`barrier`], until Redis really routes the
-//! channel to every client: a node answers `SUBSCRIBE` asynchronously, so a message published
-//! right after a client connects may legitimately miss it (README: at most once).
+//! channel to every client: a node sends its `SUBSCRIBE` when the client joins and does not wait
+//! for it, so a message published right after a client connects may legitimately miss it
+//! (README: at most once).
 
 mod ops_support;
 
