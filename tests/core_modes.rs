@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -499,17 +499,28 @@ fn flood_message(seq: usize) -> Vec<u8> {
     m
 }
 
-/// Reads until `FLOOD` messages arrived (checking they come in order) or the socket ends.
-fn read_flood(mut ws: Ws, stop: Arc<AtomicBool>) -> io::Result<(usize, Ws)> {
+/// Reads until `FLOOD` messages arrived (checking they come in order), publishing its progress.
+fn read_flood(mut ws: Ws, progress: Arc<AtomicUsize>) -> io::Result<(usize, Ws)> {
     let mut seq = 0;
-    while seq < FLOOD && !stop.load(Ordering::Relaxed) {
+    while seq < FLOOD {
         let f = ws.recv(30 * SEC)?;
+        if f.opcode == CLOSE {
+            panic!(
+                "a fast reader was closed at message {seq}: {:?}",
+                f.close_code()
+            );
+        }
         assert_eq!(f.opcode, TEXT, "{f:?}");
         assert_eq!(f.payload, flood_message(seq), "message {seq}");
         seq += 1;
+        progress.store(seq, Ordering::Release);
     }
     Ok((seq, ws))
 }
+
+/// How far the publisher may run ahead of the slowest fast reader, in messages: well under
+/// --max-queue, so a reader descheduled on a busy machine is never mistaken for a slow consumer.
+const WINDOW: usize = 32;
 
 #[test]
 fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
@@ -533,27 +544,46 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
         assert_eq!(status, 101, "{head}");
         Ws::from_stream(stream)
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
+    let progress: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let mut readers: Vec<_> = progress[..2]
+        .iter()
+        .map(|p| {
             let ws = server.ws("/ws?channel=flood");
-            let stop = stop.clone();
-            std::thread::spawn(move || read_flood(ws, stop))
+            let p = p.clone();
+            std::thread::spawn(move || read_flood(ws, p))
         })
         .collect();
     let publisher = server.ws("/ws?channel=flood");
     let mut writer = publisher.stream.try_clone().unwrap();
     let own = {
-        let stop = stop.clone();
-        std::thread::spawn(move || read_flood(publisher, stop))
+        let p = progress[2].clone();
+        std::thread::spawn(move || read_flood(publisher, p))
     };
+    readers.push(own);
     assert_eq!(
         server.wait_metric("fanout_connections_open", 4.0, 10 * SEC),
         4.0
     );
     let rss_before = rss_kib(server.pid());
     let mut peak = rss_before;
+    let deadline = Instant::now() + 60 * SEC;
     for seq in 0..FLOOD {
+        while progress
+            .iter()
+            .any(|p| p.load(Ordering::Acquire) + WINDOW < seq)
+        {
+            if let Some(gone) = readers.iter().position(|r| r.is_finished()) {
+                let ended = readers.remove(gone).join().map(|r| r.map(|(n, _)| n));
+                panic!("fast reader {gone} stopped early; it ended with {ended:?}");
+            }
+            let behind: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+            assert!(
+                Instant::now() < deadline,
+                "fast readers stalled before {seq}: they are at {behind:?}; server log:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
         writer
             .write_all(&client_frame(TEXT, &flood_message(seq)))
             .expect("publisher write");
@@ -562,12 +592,11 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
         }
     }
     let (mut counts, mut fast) = (Vec::new(), Vec::new());
-    for r in readers.into_iter().chain([own]) {
+    for r in readers {
         let (count, ws) = r.join().unwrap().expect("fast reader");
         counts.push(count);
         fast.push(ws);
     }
-    stop.store(true, Ordering::Relaxed);
     peak = peak.max(rss_kib(server.pid()));
     assert_eq!(
         counts,
@@ -702,9 +731,12 @@ fn run_fanout(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Stri
     )
 }
 
+/// Flags, environment, and the option the error message must name.
+type BadConfig<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_configuration_exits_2_naming_the_option() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[BadConfig] = &[
         (&["--max-message", "abc"], &[], "--max-message"),
         (&["--max-message", "1"], &[], "--max-message"),
         (&["--threads", "0"], &[], "--threads"),
