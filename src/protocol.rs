@@ -84,6 +84,13 @@ struct Wire<'a> {
     id: Option<&'a RawValue>,
 }
 
+/// Just the id of a command that does not otherwise parse.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
 /// A field that is present, even as `null`: plain `Option` would turn `"id":null` into "no id"
 /// and `"data":null` into "missing data", yet null is a JSON value to echo or publish like any other.
 fn present<'de, D>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -96,7 +103,12 @@ where
 /// Parses one text frame of the JSON protocol.
 pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
     let wire: Wire<'_> = serde_json::from_slice(text).map_err(|e| CommandError {
-        id: None,
+        // A well-formed object with a mistyped field still gets its id back, so the client can
+        // tell which request failed.
+        id: serde_json::from_slice::<IdOnly<'_>>(text)
+            .ok()
+            .and_then(|o| o.id)
+            .map(RawValue::get),
         message: format!("invalid command: {e}; expected a JSON object like {{\"op\":\"publish\",\"channel\":\"c\",\"data\":\"hi\"}}"),
     })?;
     let id = wire.id.map(RawValue::get);
@@ -294,6 +306,9 @@ mod tests {
                 .id,
             None
         );
+        let e = parse_command(br#"{"op":"publish","channel":5,"data":1,"id":"x"}"#).unwrap_err();
+        assert_eq!(e.id, Some("\"x\""));
+        assert!(e.message.contains("invalid command"), "{}", e.message);
     }
 
     #[test]

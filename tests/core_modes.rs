@@ -277,6 +277,12 @@ fn json_mode_commands_replies_and_payload_rules() {
         Some(json!(14)),
         "channel name",
     );
+    expect_error(
+        &mut p,
+        br#"{"op":"publish","channel":5,"data":1,"id":[14]}"#,
+        Some(json!([14])),
+        "invalid command",
+    );
     expect_error(&mut p, b"not json", None, "invalid command");
     expect_error(&mut p, b"[1,2]", None, "invalid command");
     expect_error(&mut p, b"", None, "invalid command");
