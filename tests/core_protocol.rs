@@ -16,6 +16,21 @@ const SEC: Duration = Duration::from_secs(1);
 /// `--max-message` for every server here, so the size boundary is cheap to hit.
 const MAX_MESSAGE: usize = 1000;
 
+/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            // EINTR after the test process was stopped and continued: nothing was read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => panic!("response head cut short: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// A client frame with full control of the first byte (FIN, RSV bits, opcode) and the mask.
 fn frame_with(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = vec![b0];
@@ -407,17 +422,8 @@ fn requests_and_frames_split_byte_by_byte_still_parse() {
             std::thread::sleep(Duration::from_micros(300));
         }
     }
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "response head cut short");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101 "),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let mut ws = Ws::from_stream(s);
     let (mut pongs, mut data) = (Vec::new(), Vec::new());
     while pongs.len() + data.len() < 3 {
@@ -439,17 +445,8 @@ fn upgrade_with_pipelined(server: &Server, extra: &[u8]) -> Ws {
     let mut bytes = b"GET /ws?channel=pipe HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
     bytes.extend_from_slice(extra);
     s.write_all(&bytes).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "response head cut short");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101 "),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     Ws::from_stream(s)
 }
 

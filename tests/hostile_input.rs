@@ -15,6 +15,21 @@ use ops_support::*;
 const SEC: Duration = Duration::from_secs(1);
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            // EINTR after the test process was stopped and continued: nothing was read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => panic!("response head cut short: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// A response as the client saw it.
 #[derive(Debug)]
 struct Reply {
@@ -31,10 +46,17 @@ fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
     let _ = s.write_all(request);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16384];
+    let deadline = std::time::Instant::now() + 10 * SEC;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end of the response"
+        );
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // EINTR after the test process was stopped and continued: nothing was read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // A reset after the response arrived still leaves the response.
             Err(e) if !buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => panic!(
@@ -407,12 +429,7 @@ fn allowed_origins_are_enforced() {
             &format!("Origin: {origin}\r\n"),
         ))
         .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head);
+        let head = read_head(&mut s);
         assert!(head.starts_with("HTTP/1.1 101 "), "Origin {origin}: {head}");
         let mut ws = Ws::from_stream(s);
         ws.send_text(origin);

@@ -431,8 +431,12 @@ pub fn handshake(
     let mut byte = [0u8; 1];
     // Byte at a time so no frame bytes after the head are swallowed.
     while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte)? == 0 {
-            break;
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => {}
+            // EINTR after the test process was stopped and continued: nothing was read.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
         head.push(byte[0]);
         if head.len() > 16384 {
@@ -502,6 +506,9 @@ impl Ws {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // A stop/continue of the test process (a loaded CI box, a cgroup freeze) makes a
+                // read with SO_RCVTIMEO fail with EINTR; nothing was consumed, so just retry.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -557,6 +564,7 @@ impl Ws {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return true,
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
