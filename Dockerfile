@@ -29,7 +29,7 @@ RUN cargo build --release --locked --bin fanout \
  && install -D -m 0755 target/release/fanout /out/fanout
 
 # ---- runtime stage -------------------------------------------------------------------------
-# gcr.io/distroless/cc-debian12: glibc + libgcc + CA certificates and nothing else (~25 MB).
+# gcr.io/distroless/cc-debian12: glibc + libgcc + CA certificates and nothing else.
 # fanout is a dynamically linked glibc binary (no OpenSSL, no other shared libraries), so "cc" is
 # the smallest distroless flavour that runs it without a musl rebuild; no shell and no package
 # manager means little to patch or exploit. The ":nonroot" tag runs as uid/gid 65532.
