@@ -207,7 +207,11 @@ pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes 
 }
 
 fn is_json(payload: &[u8]) -> bool {
-    !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+    // Skipping into IgnoredAny does not check that string contents are UTF-8, and the envelope
+    // goes out as a text frame: invalid UTF-8 in it makes browsers drop the connection (1007).
+    !payload.is_empty()
+        && std::str::from_utf8(payload).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
 }
 
 fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
