@@ -98,6 +98,10 @@ impl Workers {
                 Err(_) => bail!("workers did not report {word} within {timeout:?}"),
             };
             let Some(line) = line else {
+                if got[index].is_some() {
+                    // Its report arrived before its exit: only the others are still pending.
+                    continue;
+                }
                 let status = self.children[index].wait().map(|s| s.to_string());
                 bail!(
                     "worker {index} exited before {word} ({})",
