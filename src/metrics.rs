@@ -96,6 +96,7 @@ pub struct ReactorMetrics {
     pub publishes: Counter,
     pub channels: Counter,
     pub redis_messages_in: Counter,
+    pub redis_oversized: Counter,
     pub redis_reconnects: Counter,
     pub redis_link_up: Counter,
     pub publishes_dropped: Counter,
@@ -203,6 +204,12 @@ pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool)
             "counter",
             "Pub/Sub messages received from Redis.",
             sum(&|m| m.redis_messages_in.get()),
+        );
+        metric(
+            "fanout_redis_messages_oversized_total",
+            "counter",
+            "Pub/Sub messages from Redis dropped for being over --max-message.",
+            sum(&|m| m.redis_oversized.get()),
         );
         metric(
             "fanout_redis_reconnects_total",

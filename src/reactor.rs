@@ -78,6 +78,8 @@ pub struct Reactor {
     accept_paused_until_ms: Option<u64>,
     /// Refused upgrades already reported in the log, and when.
     refused_logged: (u64, u64),
+    /// When an oversized message from Redis was last reported in the log.
+    oversized_logged_ms: u64,
     stopped: bool,
 }
 
@@ -138,6 +140,7 @@ impl Reactor {
             drain: None,
             accept_paused_until_ms: None,
             refused_logged: (0, 0),
+            oversized_logged_ms: 0,
             stopped: false,
         })
     }
@@ -506,13 +509,25 @@ impl Reactor {
         let max_queue = self.shared.config.max_queue;
         let now_ms = self.now_ms;
         let (conns, dirty, overflowed) = (&mut self.conns, &mut self.dirty, &mut self.overflowed);
+        let metrics = &self.metrics;
         let mut delivered = 0;
         broker::fanout(&self.channels, msg, &mut self.json_scratch, |key, frame| {
             let conn = &mut conns[key];
             if !conn.is_open() {
                 return;
             }
-            if !conn.enqueue(frame.clone(), max_queue) {
+            // A full queue can mean only that this turn queued faster than the flush at its end
+            // drains: let the socket take what it can now (a syscall only on this rare path) and
+            // call the client slow only if the frame still does not fit.
+            let fits = conn.enqueue(frame.clone(), max_queue)
+                || match conn.flush() {
+                    Ok(written) => {
+                        metrics.bytes_out.add(written as u64);
+                        conn.enqueue(frame.clone(), max_queue)
+                    }
+                    Err(_) => false,
+                };
+            if !fits {
                 // Its backlog is dropped now; it is unsubscribed and closed after the fanout.
                 conn.discard_output();
                 conn.phase = Phase::Closing {
@@ -725,6 +740,13 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();
+                    if payload.len() > self.shared.config.max_message {
+                        // Another Redis client published what no fanout client may send; passing it
+                        // on could overflow every subscriber's queue and cut the whole channel.
+                        self.metrics.redis_oversized.inc();
+                        self.log_oversized(payload.len());
+                        continue;
+                    }
                     let text = std::str::from_utf8(&payload).is_ok();
                     let msg = Message::new(channel, &payload, text);
                     self.deliver(&msg);
@@ -824,6 +846,18 @@ impl Reactor {
         self.log_refused();
     }
 
+    /// One log line per 10 s at most about oversized messages from Redis.
+    fn log_oversized(&mut self, len: usize) {
+        if self.oversized_logged_ms == 0 || self.now_ms - self.oversized_logged_ms >= 10_000 {
+            log::warn!(
+                "reactor {}: dropped a {len}-byte message from Redis: over --max-message {} (fanout_redis_messages_oversized_total counts them)",
+                self.index,
+                self.shared.config.max_message
+            );
+            self.oversized_logged_ms = self.now_ms;
+        }
+    }
+
     /// One log line per 10 s at most summarising upgrades refused by `--max-connections`.
     fn log_refused(&mut self) {
         let refused = self.metrics.refused.get();
@@ -887,10 +921,7 @@ impl Reactor {
                 _ => {}
             }
         }
-        let (past_deadline, hard_stop) = (
-            self.now >= drain.deadline,
-            drain.deadline + Duration::from_millis(CLOSE_GRACE_MS),
-        );
+        let hard_stop = drain.deadline + Duration::from_millis(CLOSE_GRACE_MS);
         if let Some(drain) = &mut self.drain {
             drain.closed += to_close.len();
         }
@@ -911,7 +942,9 @@ impl Reactor {
             .conns
             .iter()
             .all(|(_, c)| matches!(c.phase, Phase::Dead));
-        if (past_deadline && all_gone) || self.now >= hard_stop {
+        // Once every client is gone there is nothing left to spread: exit without waiting out
+        // the rest of the drain time (the listener is already closed, so none can arrive).
+        if all_gone || self.now >= hard_stop {
             self.stopped = true;
         }
     }

@@ -818,3 +818,40 @@ fn help_lists_every_option_with_its_environment_variable() {
         "--help lists an option the README does not: {stdout}"
     );
 }
+
+/// A burst bigger than `--max-queue` arriving in one read turn must not cut a reader that keeps
+/// up: the server writes what the reader's socket takes before calling anyone slow.
+#[test]
+fn a_reader_that_keeps_up_survives_a_burst_larger_than_its_queue() {
+    const MESSAGES: usize = 1000;
+    const SIZE: usize = 512;
+    let server = Server::start(&["--threads", "1", "--max-queue", "65536"]);
+    let mut reader = server.ws("/ws?channel=burst");
+    let receiving = std::thread::spawn(move || {
+        for i in 0..MESSAGES {
+            let f = reader
+                .recv(10 * SEC)
+                .unwrap_or_else(|e| panic!("message {i} of {MESSAGES}: {e}"));
+            assert_eq!(f.opcode, TEXT, "message {i}: {f:?}");
+            assert_eq!(f.payload.len(), SIZE, "message {i}");
+            assert_eq!(&f.payload[..6], format!("{i:06}").as_bytes(), "message {i}");
+        }
+    });
+    // The publisher is a JSON client that is not subscribed, so its own queue holds only replies;
+    // all publishes go out in one write, so one server read turn holds far more than 64 KiB.
+    let mut publisher = server.ws_json("/ws");
+    let mut burst = Vec::new();
+    for i in 0..MESSAGES {
+        let data = format!("{i:06}{}", "x".repeat(SIZE - 6));
+        let command = format!(r#"{{"op":"publish","channel":"burst","data":"{data}"}}"#);
+        burst.extend_from_slice(&client_frame(0x1, command.as_bytes()));
+    }
+    publisher.stream.write_all(&burst).unwrap();
+    receiving.join().expect("the reader got every message");
+    assert_eq!(
+        server
+            .metrics()
+            .get(r#"fanout_connections_closed_total{reason="slow_consumer"}"#),
+        0.0
+    );
+}

@@ -152,3 +152,17 @@ fn sigint_also_drains() {
     let _ = ws.send_close(1001);
     assert_eq!(server.wait_exit(5 * SEC).and_then(|s| s.code()), Some(0));
 }
+
+#[test]
+fn a_node_without_clients_exits_as_soon_as_the_drain_starts() {
+    let mut server = Server::start(&["--threads", "2", "--drain-delay", "0", "--drain-time", "30"]);
+    // A finished HTTP exchange leaves no client behind.
+    assert_eq!(server.get("/healthz").0, 200);
+    let t = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(10 * SEC)
+        .expect("a node with nothing to close must not wait out a 30 s drain time");
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    assert!(t.elapsed() < 5 * SEC, "took {:?}", t.elapsed());
+}

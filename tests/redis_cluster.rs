@@ -506,6 +506,45 @@ fn external_publish_reaches_raw_and_json_clients_on_every_node() {
 }
 
 #[test]
+fn an_external_publish_over_max_message_is_dropped_and_the_channel_keeps_its_clients() {
+    let redis = Redis::start();
+    // --max-queue below the payload: passing the message on would cut every subscriber as slow.
+    let server = node(
+        &redis,
+        1,
+        &["--max-message", "65536", "--max-queue", "131072"],
+    );
+    let mut a = server.ws("/ws?channel=big");
+    let mut b = server.ws_json("/ws?channel=big");
+    barrier(redis.port, "big", &mut [&mut a, &mut b]);
+
+    assert_eq!(publish(redis.port, "big", &vec![b'x'; 256 * 1024]), 1);
+    // Exactly at the limit still passes; then a small message proves nobody was cut.
+    assert_eq!(publish(redis.port, "big", &vec![b'y'; 65536]), 1);
+    publish(redis.port, "big", b"after");
+    assert_eq!(next_text(&mut a, "raw client"), "y".repeat(65536));
+    assert_eq!(next_text(&mut a, "raw client"), "after");
+    assert_eq!(
+        next_json(&mut b, "JSON client"),
+        envelope("big", json!("y".repeat(65536)))
+    );
+    assert_eq!(
+        next_json(&mut b, "JSON client"),
+        envelope("big", json!("after"))
+    );
+    assert_eq!(
+        metric(&server, "fanout_redis_messages_oversized_total"),
+        1.0
+    );
+    assert_eq!(metric(&server, "fanout_connections_open"), 2.0);
+    assert!(
+        wait_log(&server, "dropped a 262144-byte message from Redis", 5 * SEC),
+        "no log line about the oversized message; log:\n{}",
+        server.log()
+    );
+}
+
+#[test]
 fn redis_prefix_is_applied_both_ways() {
     let redis = Redis::start();
     let n1 = node(&redis, 1, &["--redis-prefix", "app1:"]);
