@@ -7,12 +7,14 @@
 //! these run in seconds on every test run.
 
 use bytes::BytesMut;
+use fanout::broker::redis::{classify_push, Push};
 use fanout::http;
 use fanout::protocol::{self, Command};
 use fanout::ws::frame::{apply_mask, encode, FrameHeader};
 use fanout::ws::OpCode;
 use proptest::prelude::*;
 use redis_protocol::resp3::decode::complete::decode_bytes_mut;
+use redis_protocol::resp3::types::BytesFrame;
 
 const ALL_OPCODES: [OpCode; 6] = [
     OpCode::Continuation,
@@ -214,9 +216,13 @@ proptest! {
         for _ in 0..=bytes.len() {
             let before = buf.len();
             match decode_bytes_mut(&mut buf) {
-                Ok(Some((_, consumed, _))) => {
+                Ok(Some((frame, consumed, _))) => {
                     prop_assert!(consumed > 0);
                     prop_assert_eq!(buf.len(), before - consumed);
+                    // And the way the link reads a push, whatever its shape.
+                    if let BytesFrame::Push { data, .. } = frame {
+                        let _ = classify_push(data, b"app:");
+                    }
                 }
                 Ok(None) => {
                     prop_assert_eq!(buf.len(), before);
@@ -224,6 +230,41 @@ proptest! {
                 }
                 Err(_) => break,
             }
+        }
+    }
+
+    #[test]
+    fn redis_pubsub_messages_come_out_as_published(
+        prefix in proptest::collection::vec(any::<u8>(), 0..8),
+        channel in proptest::collection::vec(any::<u8>(), 0..140),
+        payload in proptest::collection::vec(any::<u8>(), 0..300),
+        split in any::<prop::sample::Index>(),
+    ) {
+        // The push Redis sends a RESP3 subscriber, in two reads split anywhere.
+        let name = [&prefix[..], &channel[..]].concat();
+        let mut wire = format!(">3\r\n$7\r\nmessage\r\n${}\r\n", name.len()).into_bytes();
+        wire.extend_from_slice(&name);
+        wire.extend_from_slice(format!("\r\n${}\r\n", payload.len()).as_bytes());
+        wire.extend_from_slice(&payload);
+        wire.extend_from_slice(b"\r\n");
+        let at = split.index(wire.len());
+        let mut buf = BytesMut::from(&wire[..at]);
+        prop_assert!(decode_bytes_mut(&mut buf).unwrap().is_none(), "a partial push is need-more");
+        buf.extend_from_slice(&wire[at..]);
+        let (frame, consumed, _) = decode_bytes_mut(&mut buf).unwrap().expect("a whole push");
+        prop_assert_eq!(consumed, wire.len());
+        let BytesFrame::Push { data, .. } = frame else {
+            return Err(TestCaseError::fail("not a push"));
+        };
+        prop_assert_eq!(
+            classify_push(data.clone(), &prefix),
+            Push::Message { channel: channel.clone().into(), payload: payload.into() }
+        );
+        // A channel without our prefix is someone else's.
+        let mut other = prefix.clone();
+        other.push(b'!');
+        if !name.starts_with(&other) {
+            prop_assert_eq!(classify_push(data, &other), Push::Other);
         }
     }
 }

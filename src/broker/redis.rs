@@ -395,34 +395,16 @@ impl RedisLink {
         }
     }
 
-    fn on_push(&mut self, mut data: Vec<BytesFrame>) -> Result<(), String> {
-        // ["message", channel, payload], or ["subscribe" | "unsubscribe", channel, count].
-        let kind = match data.first() {
-            Some(
-                BytesFrame::BlobString { data: kind, .. }
-                | BytesFrame::SimpleString { data: kind, .. },
-            ) => kind.clone(),
-            _ => return Ok(()),
-        };
-        match &kind[..] {
-            b"message" if data.len() == 3 => {}
-            b"subscribe" => return self.on_confirmation(true),
-            b"unsubscribe" => return self.on_confirmation(false),
-            _ => return Ok(()),
+    fn on_push(&mut self, data: Vec<BytesFrame>) -> Result<(), String> {
+        match classify_push(data, &self.prefix) {
+            Push::Message { channel, payload } => {
+                self.events
+                    .push_back(RedisEvent::Message { channel, payload });
+                Ok(())
+            }
+            Push::Confirmation { subscribe } => self.on_confirmation(subscribe),
+            Push::Other => Ok(()),
         }
-        let (
-            Some(BytesFrame::BlobString { data: payload, .. }),
-            Some(BytesFrame::BlobString { data: channel, .. }),
-        ) = (data.pop(), data.pop())
-        else {
-            return Ok(());
-        };
-        if let Some(name) = channel.strip_prefix(&self.prefix[..]) {
-            let channel = channel.slice(self.prefix.len()..self.prefix.len() + name.len());
-            self.events
-                .push_back(RedisEvent::Message { channel, payload });
-        }
-        Ok(())
     }
 
     /// One channel of the oldest SUBSCRIBE/UNSUBSCRIBE was confirmed.
@@ -667,6 +649,50 @@ impl RedisLink {
                 Err(e) => return self.fail(registry, now, &e.to_string()),
             }
         }
+    }
+}
+
+/// What a RESP3 push frame from Redis means to a link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// A Pub/Sub message on one of our channels (the prefix removed; both slices share the read
+    /// buffer, nothing is copied).
+    Message { channel: Bytes, payload: Bytes },
+    /// Redis confirmed one channel of a SUBSCRIBE (`true`) or UNSUBSCRIBE (`false`).
+    Confirmation { subscribe: bool },
+    /// Anything else: another prefix's channel, pattern messages, shapes fanout does not use.
+    Other,
+}
+
+/// Reads a push frame's parts: `["message", channel, payload]` or
+/// `["subscribe" | "unsubscribe", channel, count]`. Public so property tests can feed it
+/// arbitrary frames; it never panics.
+pub fn classify_push(mut data: Vec<BytesFrame>, prefix: &[u8]) -> Push {
+    let kind = match data.first() {
+        Some(
+            BytesFrame::BlobString { data: kind, .. } | BytesFrame::SimpleString { data: kind, .. },
+        ) => kind.clone(),
+        _ => return Push::Other,
+    };
+    match &kind[..] {
+        b"message" if data.len() == 3 => {}
+        b"subscribe" => return Push::Confirmation { subscribe: true },
+        b"unsubscribe" => return Push::Confirmation { subscribe: false },
+        _ => return Push::Other,
+    }
+    let (
+        Some(BytesFrame::BlobString { data: payload, .. }),
+        Some(BytesFrame::BlobString { data: channel, .. }),
+    ) = (data.pop(), data.pop())
+    else {
+        return Push::Other;
+    };
+    if !channel.starts_with(prefix) {
+        return Push::Other;
+    }
+    Push::Message {
+        channel: channel.slice(prefix.len()..),
+        payload,
     }
 }
 
