@@ -9,7 +9,6 @@ mod ops_support;
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -540,16 +539,7 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
         "--max-message",
         "8192",
     ]);
-    let slow = {
-        let sock =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        sock.connect(&server.addr.into()).unwrap();
-        let mut stream: TcpStream = sock.into();
-        let (status, head, _) = handshake(&mut stream, "/ws?channel=flood", None).unwrap();
-        assert_eq!(status, 101, "{head}");
-        Ws::from_stream(stream)
-    };
+    let slow = tiny_buffer_client(server.addr, "/ws?channel=flood", None);
     let progress: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
     let mut readers: Vec<_> = progress[..2]
         .iter()
@@ -715,28 +705,6 @@ fn sigterm_closes_every_client_with_1001_and_exits_zero() {
     assert!(log.contains("drained; exiting"), "{log}");
 }
 
-/// Runs the binary with `args` (and `env`), expecting it to stop at once.
-fn run_fanout(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(fanout_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout");
-    let status = wait_exit(&mut child, 10 * SEC);
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        status.and_then(|s| s.code()),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Flags, environment, and the option the error message must name.
 type BadConfig<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
@@ -770,7 +738,7 @@ fn bad_configuration_exits_2_naming_the_option() {
             // Should a bad value be accepted, the node must not grab a real port.
             all.extend(["--listen", "127.0.0.1:0"]);
         }
-        let (code, stdout, stderr) = run_fanout(&all, env);
+        let (code, stdout, stderr) = run_to_exit(&all, env);
         assert_eq!(code, Some(2), "{args:?} {env:?}: stderr {stderr:?}");
         assert!(
             stderr.contains(option),
@@ -785,7 +753,7 @@ fn bad_configuration_exits_2_naming_the_option() {
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let (code, stdout, _) = run_fanout(&["--help"], &[]);
+    let (code, stdout, _) = run_to_exit(&["--help"], &[]);
     assert_eq!(code, Some(0));
     // Clap prints one block per option, each starting with its flag.
     let blocks: Vec<&str> = stdout.split("\n      --").skip(1).collect();

@@ -6,7 +6,7 @@
 
 mod ops_support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -16,42 +16,9 @@ const SEC: Duration = Duration::from_secs(1);
 /// `--max-message` for every server here, so the size boundary is cheap to hit.
 const MAX_MESSAGE: usize = 1000;
 
-/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            // EINTR after the test process was stopped and continued: nothing was read.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            other => panic!("response head cut short: {other:?} after {head:?}"),
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// A client frame with full control of the first byte (FIN, RSV bits, opcode) and the mask.
-fn frame_with(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![b0];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len < 65536 {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 /// A masked client frame with the usual test mask.
 fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    frame_with(b0, payload, [0x37, 0xfa, 0x21, 0x3d])
+    client_frame_with(b0, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 const FIN: u8 = 0x80;
@@ -388,15 +355,15 @@ fn any_mask_is_legal_and_unmasked_with_the_given_key() {
         // Lengths that end on every offset of the 4-byte key.
         for len in [1, 2, 3, 4, 5, 127, 256] {
             ws.stream
-                .write_all(&frame_with(FIN | 0x2, &payload[..len], mask))
+                .write_all(&client_frame_with(FIN | 0x2, &payload[..len], mask))
                 .unwrap();
             let got = ws.recv(5 * SEC).expect("message");
             assert_eq!(got.payload, &payload[..len], "mask {mask:x?} len {len}");
         }
     }
     // Each fragment carries its own key.
-    let mut bytes = frame_with(0x1, b"abc", [1, 2, 3, 4]);
-    bytes.extend(frame_with(FIN, b"defgh", [0xa0, 0xb0, 0xc0, 0xd0]));
+    let mut bytes = client_frame_with(0x1, b"abc", [1, 2, 3, 4]);
+    bytes.extend(client_frame_with(FIN, b"defgh", [0xa0, 0xb0, 0xc0, 0xd0]));
     ws.stream.write_all(&bytes).unwrap();
     assert_eq!(ws.recv_text(5 * SEC), "abcdefgh");
     b.bystander_ok("masks");

@@ -86,14 +86,7 @@ fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
     // The stalled client: a tiny receive buffer, subscribed to the shared channel and to a bulk
     // channel only it listens to, and it never reads.
     let slow = {
-        let sock =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        sock.connect(&server.addr.into()).unwrap();
-        let mut stream: TcpStream = sock.into();
-        let (status, head, _) = handshake(&mut stream, "/ws", Some("fanout.json")).unwrap();
-        assert_eq!(status, 101, "{head}");
-        let mut ws = Ws::from_stream(stream);
+        let mut ws = tiny_buffer_client(server.addr, "/ws", Some("fanout.json"));
         ws.send_text(r#"{"op":"subscribe","channel":"fan","id":1}"#);
         ws.send_text(r#"{"op":"subscribe","channel":"bulk","id":2}"#);
         ws

@@ -15,21 +15,6 @@ use ops_support::*;
 const SEC: Duration = Duration::from_secs(1);
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
-/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            // EINTR after the test process was stopped and continued: nothing was read.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            other => panic!("response head cut short: {other:?} after {head:?}"),
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// A response as the client saw it.
 #[derive(Debug)]
 struct Reply {

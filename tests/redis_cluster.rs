@@ -14,12 +14,12 @@
 mod ops_support;
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ops_support::{free_port, wait_exit, wait_status, Redis, Server, Ws, BINARY, TEXT};
+use ops_support::{free_port, wait_status, Redis, Server, Ws, BINARY, TEXT};
 use serde_json::{json, Value};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -896,21 +896,9 @@ fn node_started_before_redis_becomes_ready_when_redis_appears() {
 
 /// Runs `fanout --redis URL`, expecting a refusal; returns (exit code, stderr).
 fn refused(url: &str) -> (Option<i32>, String) {
-    let mut child = Command::new(ops_support::fanout_bin())
-        .args(["--listen", "127.0.0.1:0", "--redis", url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start fanout");
-    let status = wait_exit(&mut child, 10 * SEC);
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut stderr = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    (status.and_then(|s| s.code()), stderr)
+    let (code, _, stderr) =
+        ops_support::run_to_exit(&["--listen", "127.0.0.1:0", "--redis", url], &[]);
+    (code, stderr)
 }
 
 #[test]

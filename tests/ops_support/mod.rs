@@ -42,6 +42,41 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Runs the fanout binary with `args` (and `env`), expecting it to stop by itself within 10 s
+/// (bad configuration, `--help`); returns (exit code, stdout, stderr).
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(fanout_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanout");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A WebSocket client with a 4 KiB receive buffer, for tests where it stops reading: its socket
+/// fills after a few frames, so the server's queue for it is what overflows.
+pub fn tiny_buffer_client(addr: SocketAddr, path: &str, protocol: Option<&str>) -> Ws {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut stream: TcpStream = sock.into();
+    let (status, head, _) = handshake(&mut stream, path, protocol).unwrap();
+    assert_eq!(status, 101, "{head}");
+    Ws::from_stream(stream)
+}
+
 /// A running fanout node; killed (by PID) when dropped.
 pub struct Server {
     pub child: Child,
@@ -366,7 +401,12 @@ impl Frame {
 
 /// Encodes a masked client frame.
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
+    client_frame_with(0x80 | opcode, payload, [0x12, 0x34, 0x56, 0x78])
+}
+
+/// A client frame with full control of the first byte (FIN, RSV bits, opcode) and the mask.
+pub fn client_frame_with(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![b0];
     let len = payload.len();
     if len < 126 {
         out.push(0x80 | len as u8);
@@ -377,10 +417,24 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         out.push(0x80 | 127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
-    let mask = [0x12, 0x34, 0x56, 0x78];
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     out
+}
+
+/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            // EINTR after the test process was stopped and continued: nothing was read.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => panic!("response head cut short: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Parses one unmasked server frame from the front of `buf`: (frame, bytes used), or None.
