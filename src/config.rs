@@ -132,9 +132,9 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let redis = match &args.redis {
-            Some(url) if !url.is_empty() => {
-                Some(RedisUrl::parse(url).with_context(|| format!("--redis: {url:?}"))?)
-            }
+            Some(url) if !url.is_empty() => Some(
+                RedisUrl::parse(url).with_context(|| format!("--redis: {:?}", redacted(url)))?,
+            ),
             _ => None,
         };
         if args.redis_prefix.len() > 64 {
@@ -255,7 +255,11 @@ impl RedisUrl {
             None => (None, None),
             Some(a) => match a.split_once(':') {
                 Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
-                None => (None, Some(a.to_string())),
+                // Clients disagree on whether `redis://x@host` names a user or a password;
+                // guessing wrong fails later as a confusing WRONGPASS, so ask for the clear form.
+                None => bail!(
+                    "the part before '@' has no ':': write redis://:PASSWORD@host for a password, or redis://USER:PASSWORD@host"
+                ),
             },
         };
         Ok(RedisUrl {
@@ -265,6 +269,14 @@ impl RedisUrl {
             password,
             db,
         })
+    }
+}
+
+/// The URL with any credentials replaced by `***`, for error messages and logs.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_string(),
     }
 }
 
@@ -294,7 +306,10 @@ mod tests {
             Some("secret")
         );
         assert_eq!(RedisUrl::parse("redis://[::1]:7000").unwrap().host, "::1");
+        assert_eq!(redacted("redis://u:secret@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
         for bad in [
+            "redis://secret@h:1",
             "http://h:1",
             "rediss://h:1",
             "redis://h:0",

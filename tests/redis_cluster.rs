@@ -911,12 +911,18 @@ fn bad_redis_urls_are_refused_at_start() {
         ("redis://127.0.0.1:abc", "port"),
         ("redis://:6379", "host"),
         ("redis://127.0.0.1:6379/x", "database"),
+        ("redis://hunter2@127.0.0.1:6379", ":PASSWORD@"),
+        ("redis://user:hunter2@127.0.0.1:0", "port"),
     ] {
         let (code, stderr) = refused(url);
         assert_eq!(code, Some(2), "{url}: exit status; stderr {stderr:?}");
         assert!(
             stderr.contains("--redis") && stderr.contains(why),
             "{url}: stderr should name --redis and say {why:?}: {stderr:?}"
+        );
+        assert!(
+            !stderr.contains("hunter2"),
+            "{url}: a password must not be echoed: {stderr:?}"
         );
     }
 }
