@@ -1,6 +1,6 @@
 //! Proves broadcast fanout makes no per-recipient allocation: a counting allocator measures the
 //! reactor turns that deliver one message to 1 and to 1000 subscribers over real sockets, for a
-//! message published by a local client and (when redis-server is installed) one arriving from Redis.
+//! message published by a local client and one arriving from a real redis-server.
 //!
 //! The reactor is stepped on the test thread, and the allocator counts per thread, so client-side
 //! work done between turns and other tests running in parallel are not counted.
@@ -9,11 +9,13 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod ops_support;
 
 use fanout::config::{Args, Config};
 use fanout::server::{build, Node};
+use ops_support::Redis;
 
 struct CountingAlloc;
 
@@ -149,63 +151,6 @@ fn local_fanout_allocations_do_not_grow_with_subscribers() {
     );
 }
 
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis() -> Option<Redis> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = match Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(_) => return None,
-    };
-    let redis = Redis { child, port };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(redis)
-}
-
-fn redis_command(port: u16, args: &[&str]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut cmd = format!("*{}\r\n", args.len());
-    for a in args {
-        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(cmd.as_bytes()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let mut node = node(&["--redis", &url]);
@@ -215,7 +160,7 @@ fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
     let (mut subs, mut publisher) = subscribers(&mut node, n);
     // Wait until Redis has registered this reactor's SUBSCRIBE.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !redis_command(redis.port, &["PUBSUB", "NUMSUB", "c"]).contains(":1") {
+    while !String::from_utf8_lossy(&redis.command(&["PUBSUB", "NUMSUB", "c"])).contains(":1") {
         assert!(Instant::now() < deadline, "SUBSCRIBE never reached Redis");
         let mut events = mio::Events::with_capacity(64);
         node.reactors[0]
@@ -225,7 +170,7 @@ fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
     let mut fewest = u64::MAX;
     for round in 0..6 {
         let before = deliveries(&node);
-        redis_command(redis.port, &["PUBLISH", "c", "hello from redis"]);
+        redis.command(&["PUBLISH", "c", "hello from redis"]);
         let counted = pump(&mut node, "delivery from redis", |node| {
             deliveries(node) == before + n as u64 + 1
         });
@@ -240,9 +185,8 @@ fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
 
 #[test]
 fn redis_fanout_allocations_do_not_grow_with_subscribers() {
-    let Some(redis) = redis() else {
-        panic!("redis-server is not installed; the test command installs it (see README)");
-    };
+    // Panics when redis-server is missing: the test command installs it (see README).
+    let redis = Redis::start();
     let one = steady_allocations_from_redis(&redis, 1);
     let thousand = steady_allocations_from_redis(&redis, 1000);
     println!("allocations per message from Redis: 1 subscriber {one}, 1000 subscribers {thousand}");
