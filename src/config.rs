@@ -83,6 +83,11 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace. RUST_LOG, when set, takes precedence.
     #[arg(long, env = "FANOUT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Fault injection for the test suite (like Redis's DEBUG SEGFAULT): reactor N panics when it
+    /// completes its first WebSocket upgrade, to prove a dead reactor ends the process.
+    #[arg(long, env = "FANOUT_FAULT_PANIC_REACTOR", hide = true)]
+    pub fault_panic_reactor: Option<usize>,
 }
 
 /// Where and how to reach Redis, parsed from `--redis`.
@@ -114,6 +119,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub max_message_rate: u32,
     pub log_level: log::LevelFilter,
+    /// Hidden `--fault-panic-reactor`: which reactor panics on its first upgrade (tests only).
+    pub fault_panic_reactor: Option<usize>,
 }
 
 impl Config {
@@ -175,6 +182,7 @@ impl Config {
             max_message_rate: size("--max-message-rate", &args.max_message_rate, 0, 10_000_000)?
                 as u32,
             log_level,
+            fault_panic_reactor: args.fault_panic_reactor,
         })
     }
 

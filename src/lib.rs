@@ -1,9 +1,12 @@
 //! fanout: a WebSocket pub/sub and chat server.
 //!
 //! The architecture, one module per concept:
-//! - [`server`]: starts one [`reactor`] per core, owns signals and the graceful drain (the "App").
+//! - [`server`]: starts one [`reactor`] per core, owns signals, the graceful drain and the exit
+//!   of a node whose reactor died (the "App").
+//! - [`node`]: what the reactors of one node share (configuration, mailboxes, counters, flags).
 //! - [`reactor`]: the per-thread mio event loop; nothing in it is shared with other threads (the "Loop").
-//! - [`connection`]: one client's state machine: HTTP request, then WebSocket, then closing.
+//! - [`connection`]: one client's state machine (HTTP request, WebSocket, closing, dead) and its
+//!   bounded outgoing queue.
 //! - [`ws`]: the RFC 6455 frame codec and close codes.
 //! - [`http`]: request parsing with limits, routing, responses, the upgrade handshake.
 //! - [`protocol`]: channel names, the JSON command protocol and the delivery envelope.
@@ -16,6 +19,7 @@ pub mod config;
 pub mod connection;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod reactor;
 pub mod server;

@@ -100,6 +100,8 @@ pub struct ReactorMetrics {
     pub redis_reconnects: Counter,
     pub redis_link_up: Counter,
     pub publishes_dropped: Counter,
+    /// Messages another reactor could not queue to this one because its mailbox was full.
+    pub bus_dropped: Counter,
     http: [Counter; STATUSES.len() + 1],
 }
 
@@ -198,6 +200,12 @@ pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool)
     );
     metric("fanout_channels", "gauge", "Channels with local subscribers, summed over reactors (a channel with subscribers on two reactors counts twice).", sum(&|m| m.channels.get()));
     metric("fanout_publishes_dropped_total", "counter", "Raw-mode publishes dropped because Redis was unreachable or backlogged (JSON publishes get an error reply instead).", sum(&|m| m.publishes_dropped.get()));
+    metric(
+        "fanout_bus_dropped_total",
+        "counter",
+        "Messages dropped between reactors of this node because a reactor's queue was full.",
+        sum(&|m| m.bus_dropped.get()),
+    );
     if redis_enabled {
         metric(
             "fanout_redis_messages_in_total",

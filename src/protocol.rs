@@ -8,11 +8,12 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::ws::{FrameHeader, OpCode};
+use crate::ws::frame::encode;
+use crate::ws::OpCode;
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 128;
@@ -156,7 +157,7 @@ pub fn ok_reply(id: Option<&str>) -> Bytes {
     body.extend_from_slice(b"{\"op\":\"ok\"");
     push_id(&mut body, id);
     body.push(b'}');
-    text_frame(&body)
+    encode(OpCode::Text, &body)
 }
 
 /// `{"op":"error","id":N,"error":"..."}`, as one WebSocket text frame.
@@ -167,7 +168,7 @@ pub fn error_reply(id: Option<&str>, message: &str) -> Bytes {
     body.extend_from_slice(b",\"error\":");
     serde_json::to_writer(&mut body, message).expect("writing a str to a Vec cannot fail");
     body.push(b'}');
-    text_frame(&body)
+    encode(OpCode::Text, &body)
 }
 
 fn push_id(body: &mut Vec<u8>, id: Option<&str>) {
@@ -175,14 +176,6 @@ fn push_id(body: &mut Vec<u8>, id: Option<&str>) {
         body.extend_from_slice(b",\"id\":");
         body.extend_from_slice(id.as_bytes());
     }
-}
-
-/// A final unmasked text frame holding `body`.
-pub fn text_frame(body: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(FrameHeader::encoded_len(body.len(), false) + body.len());
-    FrameHeader::write(&mut out, OpCode::Text, body.len(), None);
-    out.put_slice(body);
-    out.freeze()
 }
 
 /// Builds the delivery `{"op":"message","channel":C,"data":D}` as one text frame. Called once per
@@ -203,7 +196,7 @@ pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes 
         scratch.extend_from_slice(b"\",\"encoding\":\"base64\"");
     }
     scratch.push(b'}');
-    text_frame(scratch)
+    encode(OpCode::Text, scratch)
 }
 
 fn is_json(payload: &[u8]) -> bool {
@@ -233,6 +226,7 @@ fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::FrameHeader;
 
     fn body(frame: &Bytes) -> &str {
         let h = FrameHeader::parse(frame, false, u64::MAX >> 1)

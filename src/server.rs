@@ -1,12 +1,12 @@
 //! Starting and stopping a node: binds one SO_REUSEPORT listener per reactor, spawns the reactor
-//! threads, and runs the supervisor on the main thread (signals, graceful drain, Redis address
-//! resolution, so no reactor ever blocks on DNS).
+//! threads, and runs the supervisor on the main thread: signals, graceful drain, Redis address
+//! resolution (so no reactor ever blocks on DNS), and the exit of a node whose reactor died.
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,86 +14,15 @@ use anyhow::Context;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::broker::bus::{Envelope, Mailbox};
+use crate::broker::bus::{Mailbox, MAILBOX_CAPACITY};
 use crate::config::Config;
-use crate::metrics::{self, ReactorMetrics};
+use crate::metrics::ReactorMetrics;
+pub use crate::node::{ReactorShared, Shared};
 use crate::reactor::{Reactor, WAKER};
 
-/// The chat page served at `/`, embedded so the binary is all a user needs.
-pub const CHAT_PAGE: &str = include_str!("web/index.html");
-
-/// What one reactor shares with the rest of the node.
-pub struct ReactorShared {
-    pub mailbox: Mailbox,
-    pub metrics: Arc<ReactorMetrics>,
-    pub accepting: AtomicBool,
-    pub redis_up: AtomicBool,
-}
-
-/// Node-wide state: read-mostly, touched per connection or per scrape, never per message.
-pub struct Shared {
-    pub config: Config,
-    pub reactors: Vec<ReactorShared>,
-    pub draining: AtomicBool,
-    /// Open WebSockets on the node, for `--max-connections`.
-    pub open_ws: AtomicUsize,
-    redis_addr: Mutex<Option<SocketAddr>>,
-}
-
-impl Shared {
-    /// `Ok` when the node should get traffic; otherwise why not.
-    pub fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Acquire) {
-            return Err("draining".into());
-        }
-        for (i, r) in self.reactors.iter().enumerate() {
-            if !r.accepting.load(Ordering::Acquire) {
-                return Err(format!("reactor {i} is not accepting"));
-            }
-            if self.config.redis.is_some() && !r.redis_up.load(Ordering::Acquire) {
-                return Err(format!("redis link of reactor {i} is down"));
-            }
-        }
-        Ok(())
-    }
-
-    pub fn render_metrics(&self) -> String {
-        let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
-        metrics::render(
-            &all,
-            self.config.redis.is_some(),
-            self.draining.load(Ordering::Acquire),
-        )
-    }
-
-    /// The Redis address the supervisor last resolved (a lock taken only on reconnect).
-    pub fn redis_addr(&self) -> Option<SocketAddr> {
-        *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn resolve_redis(&self) {
-        let Some(url) = &self.config.redis else {
-            return;
-        };
-        match (url.host.as_str(), url.port).to_socket_addrs() {
-            Ok(mut addrs) => {
-                if let Some(addr) = addrs.next() {
-                    *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
-                }
-            }
-            Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
-        }
-    }
-
-    /// Asks every reactor to stop accepting and close its clients, spread over `drain_time`.
-    pub fn drain(&self, drain_time: Duration) {
-        self.draining.store(true, Ordering::Release);
-        let deadline = Instant::now() + drain_time;
-        for r in &self.reactors {
-            r.mailbox.send(Envelope::Drain { deadline });
-        }
-    }
-}
+/// Exit status when a reactor thread died: the node is no longer whole, so it stops and lets
+/// its supervisor (Kubernetes, systemd) start a fresh one rather than limp on unnoticed.
+pub const EXIT_REACTOR_DIED: i32 = 70;
 
 /// A node's reactors, built but not yet running (tests step them by hand).
 pub struct Node {
@@ -119,29 +48,18 @@ pub fn build(config: Config) -> anyhow::Result<Node> {
     for _ in 0..config.threads {
         let poll = Poll::new().context("cannot create an event loop")?;
         let waker = Waker::new(poll.registry(), WAKER).context("cannot create a waker")?;
-        let (mailbox, inbox) = Mailbox::new(waker);
+        let metrics = Arc::new(ReactorMetrics::default());
+        let (mailbox, inbox) = Mailbox::new(waker, MAILBOX_CAPACITY, metrics.clone());
         shared_reactors.push(ReactorShared {
             mailbox,
-            metrics: Arc::new(ReactorMetrics::default()),
+            metrics,
             accepting: AtomicBool::new(false),
             redis_up: AtomicBool::new(false),
         });
         polls.push(poll);
         inboxes.push(inbox);
     }
-    let literal = config.redis.as_ref().and_then(|u| {
-        u.host
-            .parse::<IpAddr>()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, u.port))
-    });
-    let shared = Arc::new(Shared {
-        config,
-        reactors: shared_reactors,
-        draining: AtomicBool::new(false),
-        open_ws: AtomicUsize::new(0),
-        redis_addr: Mutex::new(literal),
-    });
+    let shared = Arc::new(Shared::new(config, shared_reactors));
     let mut reactors = Vec::new();
     for (i, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate()
     {
@@ -226,8 +144,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut drain_at: Option<Instant> = None;
     let mut drained = false;
     loop {
-        if threads.iter().all(|t| t.is_finished()) {
-            break;
+        if let Some(i) = threads.iter().position(|t| t.is_finished()) {
+            if !drained {
+                // A reactor only ends by itself after a drain: anything else (a panic, a failed
+                // poll) leaves the node holding a listener nobody accepts on.
+                let _ = threads.into_iter().nth(i).map(JoinHandle::join);
+                log::error!("reactor-{i} died; exiting (status {EXIT_REACTOR_DIED}) so the node is restarted whole");
+                eprintln!("fanout: reactor-{i} died; exiting");
+                std::process::exit(EXIT_REACTOR_DIED);
+            }
+            if threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
         }
         match signals.recv_timeout(Duration::from_millis(100)) {
             Ok(signal) if drain_at.is_some() => {
@@ -237,7 +165,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Ok(signal) => {
                 let delay = shared.config.drain_delay;
                 log::info!("signal {signal}: draining; /readyz is 503; closing clients in {delay:?} over {:?}", shared.config.drain_time);
-                shared.draining.store(true, Ordering::Release);
+                shared.draining.store(true, std::sync::atomic::Ordering::Release);
                 drain_at = Some(Instant::now() + delay);
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -247,12 +175,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             drained = true;
             shared.drain(shared.config.drain_time);
         }
-        if shared.config.redis.is_some()
-            && shared
-                .reactors
-                .iter()
-                .any(|r| !r.redis_up.load(Ordering::Acquire))
-        {
+        if shared.redis_down() {
             shared.resolve_redis();
         }
     }
@@ -261,7 +184,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         panicked |= t.join().is_err();
     }
     if panicked {
-        anyhow::bail!("a reactor thread panicked");
+        anyhow::bail!("a reactor thread panicked while draining");
     }
     log::info!("drained; exiting");
     Ok(())

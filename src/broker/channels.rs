@@ -98,6 +98,24 @@ impl Channels {
         self.slots.iter().map(|(_, c)| &c.name)
     }
 
+    /// Every channel with its subscriptions and their connection keys (for invariant checks).
+    pub fn audit_view(
+        &self,
+    ) -> impl Iterator<Item = (&Bytes, impl Iterator<Item = (Subscription, usize)> + '_)> {
+        self.slots.iter().map(|(id, c)| {
+            let subs = c.subscribers.iter().map(move |(slot, s)| {
+                (
+                    Subscription {
+                        channel: id as u32,
+                        slot: slot as u32,
+                    },
+                    s.conn,
+                )
+            });
+            (&c.name, subs)
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }

@@ -9,10 +9,10 @@ pub mod bus;
 pub mod channels;
 pub mod redis;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use crate::protocol;
-use crate::ws::{FrameHeader, OpCode};
+use crate::ws::{frame, OpCode};
 
 /// Hands every local subscriber of `msg`'s channel the frame it should receive: the raw frame, or
 /// the JSON envelope, which is built here once for all JSON subscribers. `queue` gets a reference;
@@ -50,7 +50,7 @@ impl Message {
     /// Frames `payload` once. `text` picks the opcode.
     pub fn new(channel: Bytes, payload: &[u8], text: bool) -> Message {
         let (frame, payload_at) =
-            Message::frame_with(payload.len(), text, |buf| buf.put_slice(payload));
+            frame::encode_with(data_opcode(text), payload.len(), |buf| buf.put_slice(payload));
         Message {
             channel,
             frame,
@@ -58,18 +58,7 @@ impl Message {
         }
     }
 
-    /// Frames a payload of `len` bytes that `fill` appends (used to unmask straight into the frame).
-    pub fn frame_with(len: usize, text: bool, fill: impl FnOnce(&mut BytesMut)) -> (Bytes, usize) {
-        let opcode = if text { OpCode::Text } else { OpCode::Binary };
-        let header = FrameHeader::encoded_len(len, false);
-        let mut buf = BytesMut::with_capacity(header + len);
-        FrameHeader::write(&mut buf, opcode, len, None);
-        fill(&mut buf);
-        debug_assert_eq!(buf.len(), header + len);
-        (buf.freeze(), header)
-    }
-
-    /// Wraps a frame built by [`Message::frame_with`].
+    /// Wraps a frame built by [`frame::encode_with`] whose payload starts at `payload_at`.
     pub fn from_frame(channel: Bytes, frame: Bytes, payload_at: usize) -> Message {
         Message {
             channel,
@@ -86,8 +75,13 @@ impl Message {
     pub fn payload_bytes(&self) -> Bytes {
         self.frame.slice(self.payload_at..)
     }
+}
 
-    pub fn is_text(&self) -> bool {
-        self.frame[0] & 0x0F == OpCode::Text.bits()
+/// The opcode of a data frame: text or binary.
+pub fn data_opcode(text: bool) -> OpCode {
+    if text {
+        OpCode::Text
+    } else {
+        OpCode::Binary
     }
 }

@@ -128,10 +128,27 @@ pub struct RedisLink {
     failed_attempts: u64,
     /// When a failed attempt was last logged at warn level, and why it failed.
     last_warning: Option<(Instant, String)>,
+    /// State of the generator that spreads reconnect attempts (differs per reactor and node).
+    jitter: u64,
+}
+
+/// splitmix64: a well-mixed 64-bit sequence from any seed, enough to spread retries.
+fn next_jitter(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl RedisLink {
-    pub fn new(url: RedisUrl, prefix: &str, token: Token) -> RedisLink {
+    /// `reactor` (the reactor's index) and the process id seed the reconnect jitter, so the
+    /// reactors and nodes that lost the same Redis do not all come back at the same instant.
+    pub fn new(url: RedisUrl, prefix: &str, token: Token, reactor: usize) -> RedisLink {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = nanos ^ ((std::process::id() as u64) << 32) ^ (reactor as u64).rotate_left(17);
         RedisLink {
             url,
             prefix: Bytes::copy_from_slice(prefix.as_bytes()),
@@ -150,6 +167,7 @@ impl RedisLink {
             reconnects: 0,
             failed_attempts: 0,
             last_warning: None,
+            jitter: seed,
         }
     }
 
@@ -220,10 +238,7 @@ impl RedisLink {
 
     fn retry_later(&mut self, now: Instant) {
         // Jitter spreads reconnects of many reactors and nodes after a Redis restart.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() as u64);
-        let jitter = Duration::from_micros((nanos ^ (self.token.0 as u64 * 7919)) % 100_000);
+        let jitter = Duration::from_micros(next_jitter(&mut self.jitter) % 100_000);
         self.state = State::Down {
             until: now + self.backoff + jitter,
         };

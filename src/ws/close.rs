@@ -9,16 +9,12 @@ pub enum CloseCode {
     Away,
     /// 1002: the client broke the WebSocket protocol.
     Protocol,
-    /// 1003: a frame type this endpoint does not accept.
-    Unsupported,
     /// 1007: a text message that is not valid UTF-8.
     InvalidPayload,
     /// 1008: a policy was violated (slow consumer, rate limit).
     Policy,
     /// 1009: a message over `--max-message`.
     TooBig,
-    /// 1011: the server hit an unexpected condition.
-    Internal,
     /// Any other valid code, echoed back to a client that sent it.
     Other(u16),
 }
@@ -29,11 +25,9 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::Away => 1001,
             CloseCode::Protocol => 1002,
-            CloseCode::Unsupported => 1003,
             CloseCode::InvalidPayload => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
-            CloseCode::Internal => 1011,
             CloseCode::Other(c) => c,
         }
     }

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use bytes::{BufMut, Bytes, BytesMut};
+
 /// Frame opcodes (RFC 6455 section 5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
@@ -224,13 +226,21 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-/// A complete unmasked server frame, as a byte vector (for control frames and tests).
-pub fn encode(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(FrameHeader::encoded_len(payload.len(), false) + payload.len());
-    FrameHeader::write(&mut out, opcode, payload.len(), None);
-    out.extend_from_slice(payload);
-    out
+/// The one builder of server frames: a final unmasked frame of `opcode` whose `len`-byte payload
+/// `fill` appends (so a payload can be unmasked or serialised straight into place, with no
+/// intermediate copy). Returns the frame and the offset of its payload.
+pub fn encode_with(opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut)) -> (Bytes, usize) {
+    let header = FrameHeader::encoded_len(len, false);
+    let mut buf = BytesMut::with_capacity(header + len);
+    FrameHeader::write(&mut buf, opcode, len, None);
+    fill(&mut buf);
+    debug_assert_eq!(buf.len(), header + len, "fill appended the wrong number of bytes");
+    (buf.freeze(), header)
+}
+
+/// A complete unmasked server frame carrying `payload` (control frames, replies, tests).
+pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    encode_with(opcode, payload.len(), |buf| buf.put_slice(payload)).0
 }
 
 /// A close frame's payload: the code and a reason, truncated to fit the 125-byte control limit.

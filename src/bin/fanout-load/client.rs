@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn server_frames_split_anywhere() {
-        let mut stream = fanout::ws::frame::encode(OpCode::Text, &[b'a'; 300]);
+        let mut stream = fanout::ws::frame::encode(OpCode::Text, &[b'a'; 300]).to_vec();
         stream.extend(fanout::ws::frame::encode(OpCode::Ping, b"p"));
         for cut in 0..stream.len() {
             let first = next_frame(&stream[..cut]).unwrap();

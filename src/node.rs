@@ -1,0 +1,115 @@
+//! What the reactors of one node share: the configuration, each reactor's mailbox, counters and
+//! flags, and node-wide figures (open WebSockets, the resolved Redis address, draining).
+//!
+//! Everything here is read-mostly and touched per connection, per scrape or per reconnect, never
+//! per message. It lives apart from both the reactor and the supervisor (`server`) so that
+//! neither has to import the other.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::broker::bus::{Control, Mailbox};
+use crate::config::Config;
+use crate::metrics::{self, ReactorMetrics};
+
+/// What one reactor shares with the rest of the node.
+pub struct ReactorShared {
+    pub mailbox: Mailbox,
+    pub metrics: Arc<ReactorMetrics>,
+    pub accepting: AtomicBool,
+    pub redis_up: AtomicBool,
+}
+
+/// Node-wide state.
+pub struct Shared {
+    pub config: Config,
+    pub reactors: Vec<ReactorShared>,
+    pub draining: AtomicBool,
+    /// Open WebSockets on the node, for `--max-connections`.
+    pub open_ws: AtomicUsize,
+    redis_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Shared {
+    pub fn new(config: Config, reactors: Vec<ReactorShared>) -> Shared {
+        // A literal IP needs no resolution: reactors can connect before the supervisor runs.
+        let literal = config.redis.as_ref().and_then(|u| {
+            u.host
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, u.port))
+        });
+        Shared {
+            config,
+            reactors,
+            draining: AtomicBool::new(false),
+            open_ws: AtomicUsize::new(0),
+            redis_addr: Mutex::new(literal),
+        }
+    }
+
+    /// `Ok` when the node should get traffic; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("draining".into());
+        }
+        for (i, r) in self.reactors.iter().enumerate() {
+            if !r.accepting.load(Ordering::Acquire) {
+                return Err(format!("reactor {i} is not accepting"));
+            }
+            if self.config.redis.is_some() && !r.redis_up.load(Ordering::Acquire) {
+                return Err(format!("redis link of reactor {i} is down"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
+        metrics::render(
+            &all,
+            self.config.redis.is_some(),
+            self.draining.load(Ordering::Acquire),
+        )
+    }
+
+    /// The Redis address the supervisor last resolved (a lock taken only on reconnect).
+    pub fn redis_addr(&self) -> Option<SocketAddr> {
+        *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves the Redis host (blocking DNS: only ever called by the supervisor thread).
+    pub fn resolve_redis(&self) {
+        let Some(url) = &self.config.redis else {
+            return;
+        };
+        match (url.host.as_str(), url.port).to_socket_addrs() {
+            Ok(mut addrs) => {
+                if let Some(addr) = addrs.next() {
+                    *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+                }
+            }
+            Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
+        }
+    }
+
+    /// Whether any reactor's Redis link is down (the supervisor then re-resolves the address).
+    pub fn redis_down(&self) -> bool {
+        self.config.redis.is_some()
+            && self
+                .reactors
+                .iter()
+                .any(|r| !r.redis_up.load(Ordering::Acquire))
+    }
+
+    /// Asks every reactor to stop accepting and close its clients, spread over `drain_time`.
+    pub fn drain(&self, drain_time: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + drain_time;
+        for r in &self.reactors {
+            r.mailbox.control(Control::Drain { deadline });
+        }
+    }
+}
