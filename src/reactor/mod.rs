@@ -338,10 +338,15 @@ impl Reactor {
             close.reason
         );
         let left = conn.close(&close, now_ms);
-        if close.why == crate::metrics::CloseReason::SlowConsumer {
-            // It is not reading: give the close frame one chance now, then let the grace timer
-            // or the flush that empties it end the connection.
+        if close.why == CloseReason::SlowConsumer {
+            // It is not reading: the close frame gets one chance to go out now (best effort),
+            // then the connection is gone rather than kept reading whatever it still sends.
             let _ = conn.flush();
+            if let Some(left) = left {
+                self.left_open(left, close.why);
+            }
+            self.kill(key, close.why);
+            return;
         }
         if let Some(left) = left {
             self.left_open(left, close.why);
