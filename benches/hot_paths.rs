@@ -1,5 +1,6 @@
 //! Criterion benchmarks of fanout's per-message work, without sockets: WebSocket frame parsing
-//! and encoding, RESP Pub/Sub decoding, the JSON command protocol, and the in-process fanout of
+//! and encoding, RESP Pub/Sub decoding, the JSON command protocol, permessage-deflate (one
+//! compression per message, whatever the number of subscribers), and the in-process fanout of
 //! one message to 1, 100 and 10000 local subscribers (so the per-recipient cost is visible).
 //!
 //! Run: `cargo bench --bench hot_paths` (add `-- --quick` for a fast pass).
@@ -12,6 +13,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use fanout::broker::channels::Channels;
 use fanout::broker::{fanout, Message};
 use fanout::protocol;
+use fanout::ws::deflate::{Compressor, Inflater};
 use fanout::ws::frame::apply_mask;
 use fanout::ws::{FrameHeader, OpCode};
 use redis_protocol::resp3::decode::complete::decode_bytes_mut;
@@ -104,6 +106,55 @@ fn json(c: &mut Criterion) {
     g.finish();
 }
 
+/// A chat message of about 1 KiB as the chat page would publish it: JSON, mostly prose.
+fn chat_json_1kib() -> Vec<u8> {
+    let mut text = String::new();
+    let words = [
+        "hello", "there,", "how", "are", "you?", "the", "meeting", "moved", "to", "3pm;", "bring",
+        "the", "slides", "and", "coffee.", "ok!",
+    ];
+    let mut i = 0;
+    while text.len() < 900 {
+        text.push_str(words[i * 7 % words.len()]);
+        text.push(' ');
+        i += 1;
+    }
+    format!(r#"{{"user":"ana","text":"{text}","ts":1764043200000,"cid":"k3j9x0a1"}}"#).into_bytes()
+}
+
+fn deflate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("permessage_deflate");
+    let msg = chat_json_1kib();
+    g.throughput(Throughput::Bytes(msg.len() as u64));
+    let mut compressor = Compressor::default();
+    // The whole per-message cost of compression: deflate from an empty dictionary and the
+    // RSV1 frame every deflate subscriber then gets a clone of.
+    g.bench_function("compress_once_1KiB_json", |b| {
+        b.iter(|| black_box(compressor.frame(black_box(&msg), true, 15)))
+    });
+    let frame = compressor.frame(&msg, true, 15);
+    let head = FrameHeader::parse_ext(&frame, false, u64::MAX >> 1, true)
+        .unwrap()
+        .unwrap();
+    let compressed = frame[head.header_len..].to_vec();
+    assert!(
+        compressed.len() < msg.len(),
+        "the test message must compress"
+    );
+    let mut inflater = Inflater::new();
+    let mut out = Vec::with_capacity(msg.len() + 64);
+    g.bench_function("inflate_1KiB_json", |b| {
+        b.iter(|| {
+            out.clear();
+            inflater
+                .inflate(black_box(&compressed), &mut out, 1 << 20)
+                .unwrap();
+            black_box(&out);
+        })
+    });
+    g.finish();
+}
+
 fn in_process_fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [1usize, 100, 10_000] {
@@ -132,5 +183,5 @@ fn in_process_fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, resp, json, in_process_fanout);
+criterion_group!(benches, frames, resp, json, deflate, in_process_fanout);
 criterion_main!(benches);

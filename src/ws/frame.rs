@@ -52,6 +52,9 @@ impl OpCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: the message this frame starts is compressed (permessage-deflate, RFC 7692). Only
+    /// [`FrameHeader::parse_ext`] with `allow_rsv1` can return it set.
+    pub rsv1: bool,
     pub opcode: OpCode,
     pub mask: Option<[u8; 4]>,
     pub payload_len: u64,
@@ -68,7 +71,12 @@ pub enum FrameError {
     FragmentedControl,
     ControlTooLong(u64),
     LengthHighBit,
-    TooBig { len: u64, max: u64 },
+    TooBig {
+        len: u64,
+        max: u64,
+    },
+    /// RSV1 on a control or continuation frame: only a message's first frame says "compressed".
+    Rsv1NotFirst(OpCode),
 }
 
 impl FrameError {
@@ -90,6 +98,9 @@ impl fmt::Display for FrameError {
             FrameError::ControlTooLong(n) => write!(f, "control frame payload {n} > 125 bytes"),
             FrameError::LengthHighBit => write!(f, "64-bit length with the high bit set"),
             FrameError::TooBig { len, max } => write!(f, "message of {len} bytes > limit {max}"),
+            FrameError::Rsv1NotFirst(op) => {
+                write!(f, "RSV1 (compressed) set on a {op:?} frame; only a message's first frame may set it")
+            }
         }
     }
 }
@@ -105,14 +116,31 @@ impl FrameHeader {
         require_mask: bool,
         max_payload: u64,
     ) -> Result<Option<FrameHeader>, FrameError> {
+        FrameHeader::parse_ext(buf, require_mask, max_payload, false)
+    }
+
+    /// [`FrameHeader::parse`], and with `allow_rsv1` (permessage-deflate was negotiated) RSV1 is
+    /// accepted on the first frame of a data message (text or binary) and returned in `rsv1`.
+    /// RSV2 and RSV3 are always refused, and so is RSV1 on control and continuation frames (RFC
+    /// 7692 6.1).
+    pub fn parse_ext(
+        buf: &[u8],
+        require_mask: bool,
+        max_payload: u64,
+        allow_rsv1: bool,
+    ) -> Result<Option<FrameHeader>, FrameError> {
         if buf.len() < 2 {
             return Ok(None);
         }
         let (b0, b1) = (buf[0], buf[1]);
-        if b0 & 0x70 != 0 {
+        let rsv1 = b0 & 0x40 != 0;
+        if b0 & 0x30 != 0 || (rsv1 && !allow_rsv1) {
             return Err(FrameError::ReservedBits);
         }
         let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::ReservedOpcode(b0 & 0x0F))?;
+        if rsv1 && (opcode.is_control() || opcode == OpCode::Continuation) {
+            return Err(FrameError::Rsv1NotFirst(opcode));
+        }
         let fin = b0 & 0x80 != 0;
         let masked = b1 & 0x80 != 0;
         if require_mask && !masked {
@@ -163,6 +191,7 @@ impl FrameHeader {
         };
         Ok(Some(FrameHeader {
             fin,
+            rsv1,
             opcode,
             mask,
             payload_len,
@@ -334,6 +363,72 @@ mod tests {
         assert_eq!(
             FrameHeader::parse(&big, true, 100),
             Err(FrameError::TooBig { len: 101, max: 100 })
+        );
+    }
+
+    #[test]
+    fn rsv1_only_on_the_first_frame_of_a_data_message_when_negotiated() {
+        let mut text = masked(OpCode::Text, b"hi", [1, 2, 3, 4]);
+        text[0] |= 0x40;
+        assert_eq!(
+            FrameHeader::parse(&text, true, 100),
+            Err(FrameError::ReservedBits)
+        );
+        assert_eq!(
+            FrameHeader::parse_ext(&text, true, 100, false),
+            Err(FrameError::ReservedBits)
+        );
+        let h = FrameHeader::parse_ext(&text, true, 100, true)
+            .unwrap()
+            .unwrap();
+        assert!(h.rsv1 && h.fin);
+        assert_eq!(
+            (h.opcode, h.payload_len, h.header_len),
+            (OpCode::Text, 2, 6)
+        );
+        // A first fragment may be compressed; it is the whole message that is.
+        let mut first = masked(OpCode::Binary, b"x", [0; 4]);
+        first[0] = 0x40 | OpCode::Binary.bits();
+        let h = FrameHeader::parse_ext(&first, true, 100, true)
+            .unwrap()
+            .unwrap();
+        assert!(h.rsv1 && !h.fin);
+        // Without RSV1 nothing changes, with or without the extension.
+        let plain = masked(OpCode::Text, b"hi", [1, 2, 3, 4]);
+        let a = FrameHeader::parse(&plain, true, 100).unwrap().unwrap();
+        let b = FrameHeader::parse_ext(&plain, true, 100, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(!a.rsv1);
+        // RSV1 on continuation and control frames, RSV2, RSV3: refused even when negotiated.
+        for op in [
+            OpCode::Continuation,
+            OpCode::Ping,
+            OpCode::Pong,
+            OpCode::Close,
+        ] {
+            let mut f = masked(op, b"", [0; 4]);
+            f[0] |= 0x40;
+            assert_eq!(
+                FrameHeader::parse_ext(&f, true, 100, true),
+                Err(FrameError::Rsv1NotFirst(op)),
+                "{op:?}"
+            );
+        }
+        for bits in [0x20u8, 0x10, 0x60, 0x70] {
+            let mut f = masked(OpCode::Text, b"hi", [0; 4]);
+            f[0] |= bits;
+            assert_eq!(
+                FrameHeader::parse_ext(&f, true, 100, true),
+                Err(FrameError::ReservedBits),
+                "{bits:#x}"
+            );
+        }
+        // A partial header is still "need more", never an error.
+        assert_eq!(
+            FrameHeader::parse_ext(&text[..1], true, 100, true),
+            Ok(None)
         );
     }
 
