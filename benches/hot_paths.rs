@@ -170,7 +170,7 @@ fn in_process_fanout(c: &mut Criterion) {
             b.iter(|| {
                 // A message enters the reactor, is framed once, and is queued to every subscriber.
                 let msg = Message::new(Bytes::from_static(b"room"), &[b'x'; 64], true);
-                fanout(&channels, &msg, &mut scratch, |conn, frame| {
+                fanout(&channels, &msg, &mut scratch, None, |conn, frame| {
                     queues[conn].push_back(frame.clone())
                 });
                 // The flush that follows pops each queue; here the frames are simply released.

@@ -84,6 +84,15 @@ pub struct Args {
     #[arg(long, env = "FANOUT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
+    /// permessage-deflate (RFC 7692) for clients that offer it: `on` or `off`. Each broadcast is
+    /// compressed once per reactor and shared by every subscriber that negotiated it.
+    #[arg(long, env = "FANOUT_COMPRESSION", default_value = "off")]
+    pub compression: String,
+
+    /// Messages shorter than this many bytes are sent uncompressed even to compressing clients.
+    #[arg(long, env = "FANOUT_COMPRESSION_MIN_BYTES", default_value = "256")]
+    pub compression_min_bytes: String,
+
     /// Fault injection for the test suite (like Redis's DEBUG SEGFAULT): reactor N panics when it
     /// completes its first WebSocket upgrade, to prove a dead reactor ends the process.
     #[arg(long, env = "FANOUT_FAULT_PANIC_REACTOR", hide = true)]
@@ -119,6 +128,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub max_message_rate: u32,
     pub log_level: log::LevelFilter,
+    pub compression: bool,
+    pub compression_min_bytes: usize,
     /// Hidden `--fault-panic-reactor`: which reactor panics on its first upgrade (tests only).
     pub fault_panic_reactor: Option<usize>,
 }
@@ -182,6 +193,17 @@ impl Config {
             max_message_rate: size("--max-message-rate", &args.max_message_rate, 0, 10_000_000)?
                 as u32,
             log_level,
+            compression: match args.compression.trim() {
+                "on" => true,
+                "off" => false,
+                other => bail!("--compression: {other:?} is neither on nor off"),
+            },
+            compression_min_bytes: size(
+                "--compression-min-bytes",
+                &args.compression_min_bytes,
+                0,
+                1 << 30,
+            )?,
             fault_panic_reactor: args.fault_panic_reactor,
         })
     }

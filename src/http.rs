@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::protocol::{validate_channel, JSON_SUBPROTOCOL};
+use crate::ws::deflate::{self, Agreed};
 
 /// Largest request head (request line plus headers) accepted; over it: 431.
 pub const MAX_HEAD_BYTES: usize = 8192;
@@ -30,6 +31,8 @@ pub struct Request {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub ws_protocols: Vec<String>,
+    /// Every `Sec-WebSocket-Extensions` header value, in order.
+    pub ws_extensions: Vec<String>,
     pub origin: Option<String>,
     pub has_body: bool,
 }
@@ -87,6 +90,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Response> {
                     .map(|p| p.trim().to_string())
                     .filter(|p| !p.is_empty()),
             );
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            out.ws_extensions.push(value());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value());
         } else if name.eq_ignore_ascii_case("transfer-encoding")
@@ -105,6 +110,8 @@ pub struct Upgrade {
     pub json: bool,
     /// The channel to subscribe at once: `?channel=` or, in raw mode, `chat`.
     pub channel: Option<String>,
+    /// permessage-deflate, when enabled and offered acceptably.
+    pub deflate: Option<Agreed>,
 }
 
 /// Checks a `GET /ws` request against RFC 6455 and fanout's rules.
@@ -171,11 +178,20 @@ pub fn upgrade(req: &Request, config: &Config) -> Result<Upgrade, Response> {
     if json {
         let _ = write!(head, "Sec-WebSocket-Protocol: {JSON_SUBPROTOCOL}\r\n");
     }
+    let deflate = if config.compression {
+        deflate::negotiate(req.ws_extensions.iter().map(String::as_str))
+    } else {
+        None
+    };
+    if let Some(agreed) = &deflate {
+        let _ = write!(head, "Sec-WebSocket-Extensions: {}\r\n", agreed.response());
+    }
     head.push_str("\r\n");
     Ok(Upgrade {
         response: Bytes::from(head),
         json,
         channel,
+        deflate,
     })
 }
 

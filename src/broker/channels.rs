@@ -9,11 +9,15 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::ws::deflate::Agreed;
+
 /// One local subscriber: a connection key in the reactor's slab and how it wants messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Subscriber {
     pub conn: usize,
     pub json: bool,
+    /// permessage-deflate parameters, when the connection negotiated it.
+    pub deflate: Option<Agreed>,
 }
 
 #[derive(Debug)]
@@ -41,6 +45,18 @@ impl Channels {
     /// Adds a subscriber; `true` when this is the channel's first local subscriber (time to tell
     /// Redis).
     pub fn subscribe(&mut self, name: &[u8], conn: usize, json: bool) -> (Subscription, bool) {
+        self.subscribe_as(
+            name,
+            Subscriber {
+                conn,
+                json,
+                deflate: None,
+            },
+        )
+    }
+
+    /// [`Channels::subscribe`] with every property of the subscriber given.
+    pub fn subscribe_as(&mut self, name: &[u8], subscriber: Subscriber) -> (Subscription, bool) {
         let (id, first) = match self.by_name.get(name) {
             Some(&id) => (id, false),
             None => {
@@ -55,8 +71,8 @@ impl Channels {
             }
         };
         let channel = &mut self.slots[id];
-        let slot = channel.subscribers.insert(Subscriber { conn, json });
-        channel.json_subscribers += json as usize;
+        let slot = channel.subscribers.insert(subscriber);
+        channel.json_subscribers += subscriber.json as usize;
         (
             Subscription {
                 channel: id as u32,

@@ -12,15 +12,26 @@ pub mod redis;
 use bytes::{BufMut, Bytes};
 
 use crate::protocol;
+use crate::ws::deflate::{Compressor, FrameCache};
 use crate::ws::{frame, OpCode};
 
-/// Hands every local subscriber of `msg`'s channel the frame it should receive: the raw frame, or
-/// the JSON envelope, which is built here once for all JSON subscribers. `queue` gets a reference;
-/// cloning it is a reference-count increment. Returns how many subscribers were offered the message.
+/// permessage-deflate on the send side: the reactor's compressor and the size under which
+/// messages go out plain.
+pub struct Compression<'a> {
+    pub compressor: &'a mut Compressor,
+    pub min_bytes: usize,
+}
+
+/// Hands every local subscriber of `msg`'s channel the frame it should receive: the raw frame or
+/// the JSON envelope, plain or compressed. Each variant is built at most once per message, when
+/// the first subscriber that needs it comes up, and shared by all the others: `queue` gets a
+/// reference, and cloning it is a reference-count increment. Returns how many subscribers were
+/// offered the message.
 pub fn fanout(
     channels: &channels::Channels,
     msg: &Message,
     scratch: &mut Vec<u8>,
+    mut compression: Option<Compression>,
     mut queue: impl FnMut(usize, &Bytes),
 ) -> usize {
     let Some(channel) = channels.get(&msg.channel) else {
@@ -28,10 +39,18 @@ pub fn fanout(
     };
     let envelope = (channel.json_subscribers > 0)
         .then(|| protocol::envelope(&channel.name, msg.payload(), scratch));
+    let text = msg.frame.first().is_some_and(|b| b & 0x0F == OpCode::Text.bits());
+    let (mut raw_deflated, mut json_deflated) = (FrameCache::default(), FrameCache::default());
     for (_, sub) in channel.subscribers.iter() {
-        match (&envelope, sub.json) {
-            (Some(envelope), true) => queue(sub.conn, envelope),
-            _ => queue(sub.conn, &msg.frame),
+        let (plain, payload, text, cache) = match (&envelope, sub.json) {
+            (Some(envelope), true) => (envelope, &scratch[..], true, &mut json_deflated),
+            _ => (&msg.frame, msg.payload(), text, &mut raw_deflated),
+        };
+        match (&mut compression, &sub.deflate) {
+            (Some(c), Some(agreed)) if payload.len() >= c.min_bytes => {
+                queue(sub.conn, cache.get(c.compressor, payload, text, agreed))
+            }
+            _ => queue(sub.conn, plain),
         }
     }
     channel.subscribers.len()

@@ -22,6 +22,8 @@ use mio::Registry;
 use crate::broker::channels::Subscription;
 use crate::metrics::CloseReason;
 use crate::ws::frame::{close_payload, encode};
+use crate::ws::deflate::Agreed;
+use crate::ws::utf8::Utf8Validator;
 use crate::ws::{CloseCode, OpCode};
 use outbox::{Outbox, Overflow, CLOSE_HEADROOM};
 pub use parse::ParseContext;
@@ -141,7 +143,19 @@ pub struct LeftOpen(pub Vec<Subscription>);
 #[derive(Debug)]
 struct Fragments {
     text: bool,
+    /// RSV1 on its first frame: `data` is deflated and inflated once the message is whole.
+    compressed: bool,
     data: Vec<u8>,
+}
+
+/// UTF-8 validation of the text message being received, so an impossible sequence closes the
+/// connection (1007) at the fragment or read that brings it, not at the end of the message.
+#[derive(Debug, Default, Clone, Copy)]
+struct TextCheck {
+    /// State after every byte of the message validated so far.
+    utf8: Utf8Validator,
+    /// Payload bytes of the frame still being received that are already validated.
+    checked: u32,
 }
 
 /// Token bucket for `--max-message-rate`: refilled continuously, bursts up to the rate.
@@ -161,6 +175,9 @@ pub struct Connection {
     /// Bytes of a frame that straddles reads (empty, with no allocation, when idle).
     partial: Vec<u8>,
     fragments: Option<Box<Fragments>>,
+    text_check: TextCheck,
+    /// permessage-deflate parameters, when negotiated.
+    deflate: Option<Agreed>,
     out: Outbox,
     last_rx_ms: u64,
     opened_ms: u64,
@@ -182,6 +199,8 @@ impl Connection {
             subs: Vec::new(),
             partial: Vec::new(),
             fragments: None,
+            text_check: TextCheck::default(),
+            deflate: None,
             out: Outbox::default(),
             last_rx_ms: now_ms,
             opened_ms: now_ms,
@@ -211,6 +230,11 @@ impl Connection {
 
     pub fn is_json(&self) -> bool {
         self.json
+    }
+
+    /// The permessage-deflate parameters, when negotiated.
+    pub fn deflate(&self) -> Option<Agreed> {
+        self.deflate
     }
 
     pub fn has_output(&self) -> bool {
@@ -257,11 +281,12 @@ impl Connection {
     }
 
     /// Completes the upgrade: queues the 101 response and opens the WebSocket.
-    pub fn open_websocket(&mut self, json: bool, response: Bytes) {
+    pub fn open_websocket(&mut self, json: bool, deflate: Option<Agreed>, response: Bytes) {
         if !self.is_http() {
             return;
         }
         self.json = json;
+        self.deflate = deflate;
         let _ = self.out.push(response, usize::MAX);
         self.phase = Phase::Open;
     }
@@ -491,7 +516,7 @@ mod tests {
             .unwrap();
         server.set_nonblocking(true).unwrap();
         let mut conn = Connection::new(TcpStream::from_std(server), 1, 1);
-        conn.open_websocket(false, Bytes::new());
+        conn.open_websocket(false, None, Bytes::new());
         (conn, peer)
     }
 

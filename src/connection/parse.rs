@@ -8,11 +8,13 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::{Action, Close, Connection, Fragments, Limits};
+use super::{Action, Close, Connection, Fragments, Limits, TextCheck};
 use crate::broker::data_opcode;
 use crate::metrics::{CloseReason, ReactorMetrics};
 use crate::protocol::{self, Command};
 use crate::ws::frame::{apply_mask, encode_with, FrameError};
+use crate::ws::deflate::Inflater;
+use crate::ws::utf8::Utf8Validator;
 use crate::ws::{CloseCode, FrameHeader, OpCode};
 
 /// What the parse path needs from the reactor, passed as one value.
@@ -24,6 +26,10 @@ pub struct ParseContext<'a> {
     pub scratch: &'a mut Vec<u8>,
     /// Where complete messages that concern other connections go.
     pub actions: &'a mut Vec<Action>,
+    /// The reactor's inflater (reset per message: clients are told `client_no_context_takeover`).
+    pub inflater: &'a mut Inflater,
+    /// Reused buffer a compressed message is inflated into.
+    pub inflated: &'a mut Vec<u8>,
 }
 
 impl Close {
@@ -82,13 +88,17 @@ impl Connection {
         while self.is_open() {
             let already = self.fragments.as_ref().map_or(0, |f| f.data.len());
             let room = limits.max_message.saturating_sub(already) as u64;
-            let head = match FrameHeader::parse(&buf[at..], true, room) {
+            let deflate = self.deflate.is_some();
+            let head = match FrameHeader::parse_ext(&buf[at..], true, room, deflate) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => return Err(Close::frame_error(e, &limits)),
             };
             let total = head.header_len + head.payload_len as usize;
             if buf.len() - at < total {
+                // Validate what has arrived of a text frame, so invalid UTF-8 fails now.
+                let available = &buf[at + head.header_len..];
+                self.check_partial_text(&head, available, ctx.scratch)?;
                 break;
             }
             let payload = &buf[at + head.header_len..at + total];
@@ -140,12 +150,32 @@ impl Connection {
                     ));
                 }
                 let text = head.opcode == OpCode::Text;
+                if head.rsv1 {
+                    let mut data = masked.to_vec();
+                    apply_mask(&mut data, mask, 0);
+                    if head.fin {
+                        return self.on_compressed(text, &data, ctx);
+                    }
+                    self.fragments = Some(Box::new(Fragments {
+                        text,
+                        compressed: true,
+                        data,
+                    }));
+                    return Ok(());
+                }
                 if head.fin {
                     self.on_message(text, masked, Some(mask), ctx)
                 } else {
                     let mut data = masked.to_vec();
                     apply_mask(&mut data, mask, 0);
-                    self.fragments = Some(Box::new(Fragments { text, data }));
+                    if text {
+                        self.check_text(&data, false)?;
+                    }
+                    self.fragments = Some(Box::new(Fragments {
+                        text,
+                        compressed: false,
+                        data,
+                    }));
                     Ok(())
                 }
             }
@@ -158,13 +188,34 @@ impl Connection {
                 let at = fragments.data.len();
                 fragments.data.extend_from_slice(masked);
                 apply_mask(&mut fragments.data[at..], mask, 0);
+                if fragments.text && !fragments.compressed {
+                    let checked = self.text_check.checked as usize;
+                    let mut check = self.text_check;
+                    let result = check.utf8.feed(&fragments.data[at + checked..]);
+                    self.text_check = TextCheck {
+                        utf8: check.utf8,
+                        checked: 0,
+                    };
+                    result.map_err(|_| Close::invalid_utf8())?;
+                    if head.fin {
+                        self.text_check.utf8.finish().map_err(|_| Close::invalid_utf8())?;
+                    }
+                }
                 if !head.fin {
                     return Ok(());
                 }
                 match self.fragments.take() {
                     Some(done) => {
-                        let Fragments { text, data } = *done;
-                        self.on_message(text, &data, None, ctx)
+                        let Fragments {
+                            text,
+                            compressed,
+                            data,
+                        } = *done;
+                        if compressed {
+                            self.on_compressed(text, &data, ctx)
+                        } else {
+                            self.on_message(text, &data, None, ctx)
+                        }
                     }
                     None => Ok(()),
                 }
@@ -191,8 +242,8 @@ impl Connection {
                     apply_mask(&mut buf[at..], mask, 0);
                 }
             });
-            if text && std::str::from_utf8(&frame[payload_at..]).is_err() {
-                return Err(Close::invalid_utf8());
+            if text && mask.is_some() {
+                self.check_text(&frame[payload_at..], true)?;
             }
             ctx.actions.push(Action::Publish {
                 channel: None,
@@ -215,8 +266,15 @@ impl Connection {
             );
             return self.reply(reply, ctx);
         }
-        if std::str::from_utf8(scratch).is_err() {
-            return Err(Close::invalid_utf8());
+        if mask.is_some() {
+            // A single-frame message: validate what the partial-frame check has not (a
+            // reassembled or inflated message was validated on the way).
+            let checked = (self.text_check.checked as usize).min(scratch.len());
+            let mut utf8 = self.text_check.utf8;
+            self.text_check = TextCheck::default();
+            if utf8.feed(&scratch[checked..]).and_then(|()| utf8.finish()).is_err() {
+                return Err(Close::invalid_utf8());
+            }
         }
         let action = match protocol::parse_command(scratch) {
             Err(e) => Err(protocol::error_reply(e.id, &e.message)),
@@ -251,6 +309,85 @@ impl Connection {
             }
             Err(reply) => self.reply(reply, ctx),
         }
+    }
+
+    /// A whole compressed message: inflated (at most `--max-message` bytes, or 1009) with the
+    /// reactor's inflater, validated if it is text, then handled as if it had arrived plain.
+    fn on_compressed(
+        &mut self,
+        text: bool,
+        deflated: &[u8],
+        ctx: &mut ParseContext,
+    ) -> Result<(), Close> {
+        let mut out = std::mem::take(ctx.inflated);
+        out.clear();
+        let result = ctx
+            .inflater
+            .inflate(deflated, &mut out, ctx.limits.max_message)
+            .map_err(|e| Close::new(e.close_code(), e.to_string(), CloseReason::Protocol))
+            .and_then(|()| {
+                if text && std::str::from_utf8(&out).is_err() {
+                    Err(Close::invalid_utf8())
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.on_message(text, &out, None, ctx));
+        // Keep the buffer for the next message unless it grew large (a burst must not pin it).
+        if out.capacity() <= 64 * 1024 {
+            *ctx.inflated = out;
+        }
+        result
+    }
+
+    /// Validates the unmasked payload of a complete text frame, continuing from what the partial
+    /// check already covered; `fin` ends the message.
+    fn check_text(&mut self, payload: &[u8], fin: bool) -> Result<(), Close> {
+        let checked = (self.text_check.checked as usize).min(payload.len());
+        let mut utf8 = self.text_check.utf8;
+        let result = utf8
+            .feed(&payload[checked..])
+            .and_then(|()| if fin { utf8.finish() } else { Ok(()) });
+        self.text_check = TextCheck {
+            utf8: if fin { Utf8Validator::new() } else { utf8 },
+            checked: 0,
+        };
+        result.map_err(|_| Close::invalid_utf8())
+    }
+
+    /// Validates the newly arrived payload bytes of a text frame that is not complete yet.
+    fn check_partial_text(
+        &mut self,
+        head: &FrameHeader,
+        available: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), Close> {
+        let text = match head.opcode {
+            OpCode::Text => !head.rsv1,
+            OpCode::Continuation => self
+                .fragments
+                .as_ref()
+                .is_some_and(|f| f.text && !f.compressed),
+            _ => false,
+        };
+        if !text {
+            return Ok(());
+        }
+        if head.opcode == OpCode::Text && self.text_check.checked == 0 {
+            // The first bytes of a new message.
+            self.text_check.utf8 = Utf8Validator::new();
+        }
+        let checked = self.text_check.checked as usize;
+        let available = &available[..available.len().min(head.payload_len as usize)];
+        if available.len() <= checked {
+            return Ok(());
+        }
+        scratch.clear();
+        scratch.extend_from_slice(&available[checked..]);
+        apply_mask(scratch, head.mask.unwrap_or([0; 4]), checked);
+        let result = self.text_check.utf8.feed(scratch);
+        self.text_check.checked = available.len() as u32;
+        result.map_err(|_| Close::invalid_utf8())
     }
 
     fn reply(&mut self, frame: Bytes, ctx: &mut ParseContext) -> Result<(), Close> {

@@ -27,6 +27,7 @@ use crate::broker::redis::RedisLink;
 use crate::connection::{AfterFlush, Close, Connection, LeftOpen, Limits, ParseContext, Timeouts};
 use crate::metrics::{CloseReason, ReactorMetrics};
 use crate::node::Shared;
+use crate::ws::deflate::{Compressor, Inflater};
 use conns::Connections;
 use timers::Drain;
 
@@ -55,6 +56,11 @@ pub struct Reactor {
     redis: Option<RedisLink>,
     scratch: Vec<u8>,
     json_scratch: Vec<u8>,
+    /// permessage-deflate: one inflater and one compressor per reactor, reset per message, so
+    /// a connection keeps no compression state between messages.
+    inflater: Inflater,
+    inflated: Vec<u8>,
+    compressor: Compressor,
     actions: Vec<crate::connection::Action>,
     dirty: Vec<usize>,
     read_again: Vec<usize>,
@@ -119,6 +125,9 @@ impl Reactor {
             redis,
             scratch: vec![0; SCRATCH],
             json_scratch: Vec::new(),
+            inflater: Inflater::new(),
+            inflated: Vec::new(),
+            compressor: Compressor::default(),
             actions: Vec::new(),
             dirty: Vec::new(),
             read_again: Vec::new(),
@@ -310,6 +319,8 @@ impl Reactor {
             metrics: &self.metrics,
             scratch: &mut self.json_scratch,
             actions: &mut self.actions,
+            inflater: &mut self.inflater,
+            inflated: &mut self.inflated,
         };
         let result = conn.on_frames(data, &mut ctx);
         self.run_actions(key);

@@ -12,9 +12,9 @@ use bytes::Bytes;
 
 use super::Reactor;
 use crate::broker::bus::Control;
-use crate::broker::channels::Subscription;
+use crate::broker::channels::{Subscriber, Subscription};
 use crate::broker::redis::{Ack, RedisEvent};
-use crate::broker::{self, Message};
+use crate::broker::{self, Compression, Message};
 use crate::connection::{Action, Close};
 use crate::protocol;
 
@@ -91,7 +91,12 @@ impl Reactor {
                 "subscription limit reached: at most {max} channels per connection"
             ));
         }
-        let (sub, first) = self.channels.subscribe(name.as_bytes(), key, conn.is_json());
+        let subscriber = Subscriber {
+            conn: key,
+            json: conn.is_json(),
+            deflate: conn.deflate(),
+        };
+        let (sub, first) = self.channels.subscribe_as(name.as_bytes(), subscriber);
         if let Err(sub) = conn.add_subscription(sub, max) {
             // Checked above; undo rather than leave the table pointing at it.
             self.release(sub);
@@ -187,7 +192,11 @@ impl Reactor {
         let (conns, dirty, metrics) = (&mut self.conns, &mut self.dirty, &self.metrics);
         let mut overflowed = Vec::new();
         let mut delivered = 0;
-        broker::fanout(&self.channels, msg, &mut self.json_scratch, |key, frame| {
+        let compression = self.shared.config.compression.then(|| Compression {
+            compressor: &mut self.compressor,
+            min_bytes: self.shared.config.compression_min_bytes,
+        });
+        broker::fanout(&self.channels, msg, &mut self.json_scratch, compression, |key, frame| {
             let Some(conn) = conns.open(key) else {
                 debug_assert!(false, "channel lists connection {key}, which is not open");
                 return;

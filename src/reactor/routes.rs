@@ -118,7 +118,7 @@ impl Reactor {
         };
         self.metrics.accepted.inc();
         self.metrics.http_response(101);
-        conn.open_websocket(up.json, up.response);
+        conn.open_websocket(up.json, up.deflate, up.response);
         if self.shared.config.fault_panic_reactor == Some(self.index) {
             panic!("--fault-panic-reactor {}: injected fault", self.index);
         }
