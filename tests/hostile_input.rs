@@ -143,30 +143,19 @@ fn bad_upgrades_get_the_documented_status() {
             reply.head
         );
     }
-    f.expect(
-        "missing Upgrade header",
-        &upgrade_request(ws, &["Upgrade"], ""),
-        400,
-        "Upgrade",
-    );
-    f.expect(
-        "Upgrade: h2c",
-        &upgrade_request(ws, &["Upgrade"], "Upgrade: h2c\r\n"),
-        400,
-        "Upgrade",
-    );
-    f.expect(
-        "missing Connection header",
-        &upgrade_request(ws, &["Connection"], ""),
-        400,
-        "Connection",
-    );
-    f.expect(
-        "Connection without the upgrade token",
-        &upgrade_request(ws, &["Connection"], "Connection: keep-alive\r\n"),
-        400,
-        "Connection",
-    );
+    for (name, drop, extra, phrase) in [
+        ("missing Upgrade header", "Upgrade", "", "Upgrade"),
+        ("Upgrade: h2c", "Upgrade", "Upgrade: h2c\r\n", "Upgrade"),
+        ("missing Connection header", "Connection", "", "Connection"),
+        (
+            "Connection without the upgrade token",
+            "Connection",
+            "Connection: keep-alive\r\n",
+            "Connection",
+        ),
+    ] {
+        f.expect(name, &upgrade_request(ws, &[drop], extra), 400, phrase);
+    }
     let reply = f.expect(
         "plain GET /ws",
         b"GET /ws HTTP/1.1\r\nHost: t\r\n\r\n",

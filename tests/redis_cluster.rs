@@ -27,14 +27,18 @@ use serde_json::{json, Value};
 
 /// Starts a node on `redis` with `--threads threads` and waits until /readyz says 200.
 fn node(redis: &Redis, threads: usize, extra: &[&str]) -> Server {
-    let url = redis.url();
+    node_on(&redis.url(), threads, extra, "node")
+}
+
+/// Starts a node with `--redis url` and waits until /readyz says 200; `what` names it on failure.
+fn node_on(url: &str, threads: usize, extra: &[&str], what: &str) -> Server {
     let threads = threads.to_string();
-    let mut args = vec!["--threads", &threads, "--redis", &url];
+    let mut args = vec!["--threads", &threads, "--redis", url];
     args.extend_from_slice(extra);
     let server = Server::start(&args);
     assert!(
         wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
-        "node {args:?} not ready; log:\n{}",
+        "{what} ({args:?}) not ready; log:\n{}",
         server.log()
     );
     server
@@ -710,22 +714,12 @@ fn stays_not_ready(server: &Server, span: Duration) {
 #[test]
 fn password_and_database_from_the_url_are_used() {
     let redis = Redis::start_with_password("s3cret");
-    let good = Server::start(&["--threads", "1", "--redis", &redis.url_with(":s3cret", 3)]);
-    assert!(
-        wait_status(good.addr, "/readyz", 200, PATIENCE).is_some(),
-        "right password not accepted; log:\n{}",
-        good.log()
-    );
-    let with_user = Server::start(&[
-        "--threads",
-        "1",
-        "--redis",
+    let good = node_on(&redis.url_with(":s3cret", 3), 1, &[], "right password");
+    let with_user = node_on(
         &redis.url_with("default:s3cret", 0),
-    ]);
-    assert!(
-        wait_status(with_user.addr, "/readyz", 200, PATIENCE).is_some(),
-        "user:password not accepted; log:\n{}",
-        with_user.log()
+        1,
+        &[],
+        "user:password",
     );
     let links = redis.fanout_links();
     assert_eq!(links.len(), 2, "{links:?}");
@@ -776,17 +770,7 @@ fn a_channel_denied_by_redis_acl_does_not_break_the_others() {
         b"ACL", b"SETUSER", b"limited", b"on", b">pw", b"&ok*", b"+@all",
     ]);
     assert_eq!(created, Reply::Simple("OK".into()));
-    let server = Server::start(&[
-        "--threads",
-        "1",
-        "--redis",
-        &redis.url_with("limited:pw", 0),
-    ]);
-    assert!(
-        wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
-        "log:\n{}",
-        server.log()
-    );
+    let server = node_on(&redis.url_with("limited:pw", 0), 1, &[], "ACL user");
     let mut allowed = server.ws("/ws?channel=ok1");
     let denied = server.ws("/ws?channel=forbidden");
     assert!(

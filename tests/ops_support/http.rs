@@ -168,12 +168,7 @@ pub fn wait_dropped(s: &mut TcpStream) -> Instant {
                 String::from_utf8_lossy(&buf[..n])
             ),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if super::timed_out(&e) => {
                 panic!("unfinished request still open after {PATIENCE:?}")
             }
             Err(_) => return Instant::now(),

@@ -116,6 +116,14 @@ pub fn client_with_recv_buffer(
     Ws::from_stream(stream)
 }
 
+/// True for the error a read with a timeout returns when nothing came in time.
+pub fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// A running fanout node; killed (by PID) when dropped.
 pub struct Server {
     pub child: Child,
@@ -323,14 +331,7 @@ impl Ws {
                 // A stop/continue of the test process (a loaded CI box, a cgroup freeze) makes a
                 // read with SO_RCVTIMEO fail with EINTR; nothing was consumed, so just retry.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(io::ErrorKind::TimedOut.into())
-                }
+                Err(e) if timed_out(&e) => return Err(io::ErrorKind::TimedOut.into()),
                 Err(e) => return Err(e),
             }
         }
@@ -405,11 +406,7 @@ impl Ws {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if timed_out(&e) => {}
                 Err(_) => return true,
             }
         }
