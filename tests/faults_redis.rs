@@ -349,6 +349,9 @@ fn still_serves(server: &Server) {
     );
 }
 
+/// A "Redis" that accepts but never answers: one connection per reactor, /readyz stays 503
+/// naming redis, clients are served (publishes refused at once), and after the unanswered
+/// handshake times out the node connects again.
 #[test]
 fn redis_that_never_answers_leaves_the_node_serving_and_not_ready() {
     let fake = FakeRedis::start(silent);
@@ -378,6 +381,8 @@ fn redis_that_never_answers_leaves_the_node_serving_and_not_ready() {
     still_serves(&server);
 }
 
+/// A "Redis" that answers with bytes that are not RESP: the node logs it, drops the link and
+/// reconnects again and again (6 attempts awaited), keeps serving clients, and does not crash.
 #[test]
 fn redis_sending_garbage_makes_the_node_reconnect_not_crash() {
     let fake = FakeRedis::start(garbage);

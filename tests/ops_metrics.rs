@@ -1,7 +1,8 @@
 //! /metrics after known traffic: exact counts of connections, closes by reason, messages, bytes,
 //! deliveries, publishes, channels and HTTP statuses, summed over two reactors; the exposition
 //! parses strictly with HELP and TYPE lines; and with --redis, the link gauge, reconnects after a
-//! Redis restart and publishes dropped while Redis is down.
+//! Redis restart and publishes dropped while Redis is down. Counts, never durations: every wait
+//! gives up only after ops_support's PATIENCE.
 
 mod ops_support;
 
@@ -24,6 +25,10 @@ const FAMILIES: [(&str, &str); 13] = [
     ("fanout_http_responses_total", "counter"),
 ];
 
+/// Exact counters and gauges after known traffic on two reactors, including one close of each
+/// reason and an idle timeout at the end; the client that must reach the idle timeout only at
+/// the end is kept active until then by unsolicited pongs, so the counts cannot depend on how
+/// long the steps before take.
 #[test]
 fn metrics_count_known_traffic_exactly() {
     let server = Server::start(&[
@@ -184,6 +189,10 @@ fn metrics_count_known_traffic_exactly() {
     );
 }
 
+/// With --redis: links_up follows Redis being killed and restarted, /readyz says 503 naming
+/// redis meanwhile, raw publishes while it is down are dropped and counted (and not replayed),
+/// each reactor reconnects exactly once, and the log has one line per link event, not per
+/// message. Recovery is awaited, never timed.
 #[test]
 fn redis_metrics_track_link_state_reconnects_and_drops() {
     let mut redis = Redis::start();
