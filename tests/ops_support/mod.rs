@@ -132,6 +132,8 @@ pub struct Server {
     pub log: Arc<Mutex<String>>,
     /// /metrics scrapes made through [`Server::metrics`] (each is one more HTTP 200).
     pub scrapes: std::sync::atomic::AtomicU64,
+    /// The thread copying stderr into `log`; it ends when the process is gone.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -148,7 +150,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut log = sink.lock().unwrap();
@@ -186,6 +188,7 @@ impl Server {
             addr,
             log,
             scrapes: Default::default(),
+            log_reader: Some(log_reader),
         }
     }
 
@@ -257,11 +260,31 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Kills the node (by PID) and fails the test if any of its threads panicked, even where
+    /// the test's own checks did not notice (a reactor that died serving nobody in particular).
+    /// That is what makes a run against the debug build catch overflows and debug assertions.
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        // The process is gone, so its stderr ends: let the reader copy the last lines.
+        if let Some(reader) = self.log_reader.take() {
+            let deadline = Instant::now() + PATIENCE;
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let log = self.log();
+        if let Some(at) = log.find("panicked at") {
+            let panic = &log[log[..at].rfind('\n').map_or(0, |i| i + 1)..];
+            let panic: String = panic.lines().take(3).collect::<Vec<_>>().join("\n");
+            if std::thread::panicking() {
+                eprintln!("the fanout node had panicked too: {panic}");
+            } else {
+                panic!("the fanout node panicked: {panic}\nlog:\n{log}");
+            }
+        }
     }
 }
 
