@@ -735,13 +735,11 @@ fn password_and_database_from_the_url_are_used() {
     assert_eq!(a.next_text("own echo"), "authenticated");
     assert_eq!(b.next_text("other node"), "authenticated");
 
-    let wrong = Server::start(&["--threads", "1", "--redis", &redis.url_with(":wrong", 0)]);
-    assert!(
-        wrong.wait_log("WRONGPASS", PATIENCE),
-        "a wrong password is logged with Redis' reason; log:\n{}",
-        wrong.log()
+    let wrong = refused_link(
+        &redis.url_with(":wrong", 0),
+        "WRONGPASS",
+        "a wrong password",
     );
-    stays_not_ready(&wrong, Duration::from_millis(1500));
     let mut ws = wrong.ws_json("/ws");
     ws.send_text(r#"{"op":"publish","channel":"auth","data":1,"id":1}"#);
     let reply = ws.next_json("publish without a working link");
@@ -753,13 +751,25 @@ fn password_and_database_from_the_url_are_used() {
         "{reply}"
     );
 
-    let bad_db = Server::start(&["--threads", "1", "--redis", &redis.url_with(":s3cret", 99)]);
-    assert!(
-        bad_db.wait_log("SELECT 99 refused", PATIENCE),
-        "an out-of-range database is logged; log:\n{}",
-        bad_db.log()
+    refused_link(
+        &redis.url_with(":s3cret", 99),
+        "SELECT 99 refused",
+        "an out-of-range database",
     );
-    stays_not_ready(&bad_db, Duration::from_millis(500));
+}
+
+/// Starts a node whose Redis link Redis refuses (`what`): the log gives Redis' reason
+/// (`logged`), and the node stays not ready for a while after that (sampled over 1.5 s: a node
+/// that became ready anyway would be caught, whatever the machine's speed).
+fn refused_link(url: &str, logged: &str, what: &str) -> Server {
+    let server = Server::start(&["--threads", "1", "--redis", url]);
+    assert!(
+        server.wait_log(logged, PATIENCE),
+        "{what} is logged with Redis' reason; log:\n{}",
+        server.log()
+    );
+    stays_not_ready(&server, Duration::from_millis(1500));
+    server
 }
 
 #[test]
