@@ -8,8 +8,7 @@ mod ops_support;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
@@ -115,39 +114,22 @@ fn receiver(
     }
 }
 
-/// The JSON publisher of both phases; its replies are drained by a thread that counts errors.
+/// The JSON publisher of both phases; its replies are drained by a [`Reader`] that counts errors.
 struct Publisher {
     writer: Ws,
-    stop: Arc<AtomicBool>,
-    drain: std::thread::JoinHandle<usize>,
+    replies: Reader<usize>,
 }
 
 impl Publisher {
     fn start(server: &Server) -> Publisher {
         let publisher = server.ws_json("/ws");
         let writer = Ws::from_stream(publisher.stream.try_clone().unwrap());
-        let stop = Arc::new(AtomicBool::new(false));
-        let drain = {
-            let stop = stop.clone();
-            let mut p = publisher;
-            std::thread::spawn(move || {
-                let mut errors = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    match p.recv(Duration::from_millis(100)) {
-                        Ok(f) if f.text().contains("error") => errors += 1,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                        Err(e) => panic!("publisher: {e}"),
-                    }
-                }
-                errors
-            })
-        };
-        Publisher {
-            writer,
-            stop,
-            drain,
-        }
+        let replies = Reader::start(publisher, "publisher", 0, |errors, f| {
+            if f.text().contains("error") {
+                *errors += 1;
+            }
+        });
+        Publisher { writer, replies }
     }
 
     /// One phase: FAN_MESSAGES small timestamped messages to `fan`, each followed by 32 KiB to
@@ -167,8 +149,7 @@ impl Publisher {
     }
 
     fn errors(self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        self.drain.join().unwrap()
+        self.replies.stop().1
     }
 }
 

@@ -9,8 +9,6 @@ mod ops_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ops_support::*;
@@ -138,34 +136,18 @@ fn silent_websocket_is_closed_by_the_idle_timeout() {
 #[test]
 fn unanswered_pings_lead_to_the_idle_timeout() {
     let server = Server::start(&["--idle-timeout", IDLE, "--ping-interval", "0.2"]);
-    // The answering client: a thread answers every ping until told to stop.
-    let ok = server.ws("/ws?channel=p");
-    let stop = Arc::new(AtomicBool::new(false));
-    let answering = {
-        let stop = stop.clone();
-        let mut ok = ok;
-        std::thread::spawn(move || {
-            let mut pings = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match ok.recv_frame(Duration::from_millis(100)) {
-                    Ok(f) => {
-                        assert_eq!(f.opcode, PING, "only pings expected, got {f:?}");
-                        ok.send(PONG, &f.payload).unwrap();
-                        pings += 1;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                    Err(e) => panic!("answering client lost: {e}"),
-                }
-            }
-            (pings, ok)
-        })
-    };
+    // The answering client: a thread answers every ping until told to stop; any message fails.
+    let answering = Reader::start(
+        server.ws("/ws?channel=p"),
+        "answering client",
+        (),
+        |_, f| panic!("only pings expected, got {f:?}"),
+    );
     let mut ws = server.ws("/ws?channel=p");
     let ping = ws.recv_frame(PATIENCE).unwrap();
     assert_eq!(ping.opcode, PING, "{ping:?}");
     wait_idle_close(&mut ws, "client that never answers pings");
-    stop.store(true, Ordering::Relaxed);
-    let (pings, mut ok) = answering.join().expect("the answering client was kept");
+    let (mut ok, (), pings) = answering.stop();
     assert!(pings >= 2, "the answering client got {pings} pings");
     let m = server.metrics();
     assert_eq!(m.closed("idle_timeout"), 1.0);

@@ -477,6 +477,58 @@ impl Drop for KeepAlive {
     }
 }
 
+/// Reads a WebSocket on its own thread until stopped, so a test can keep a client's input
+/// drained (or collect it) while its main thread does something else. It answers pings itself
+/// (counting them), passes every other frame to `on_frame` with the test's `state`, and fails
+/// the test naming `what` if the connection is lost.
+pub struct Reader<T> {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Ws, T, usize)>,
+}
+
+impl<T: Send + 'static> Reader<T> {
+    pub fn start(
+        mut ws: Ws,
+        what: &str,
+        mut state: T,
+        mut on_frame: impl FnMut(&mut T, Frame) + Send + 'static,
+    ) -> Reader<T> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let what = what.to_string();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut pings = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // A short wait, so a stop is noticed soon; nothing is timed here.
+                    match ws.recv_frame(Duration::from_millis(100)) {
+                        Ok(f) if f.opcode == PING => {
+                            ws.send(PONG, &f.payload)
+                                .unwrap_or_else(|e| panic!("{what}: answering a ping: {e}"));
+                            pings += 1;
+                        }
+                        Ok(f) => on_frame(&mut state, f),
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                        Err(e) => panic!("{what} lost its connection: {e}"),
+                    }
+                }
+                (ws, state, pings)
+            })
+        };
+        Reader { stop, thread }
+    }
+
+    /// Stops reading; returns the client, the state and how many pings were answered. A panic
+    /// of the reading thread (a failed check in `on_frame`) fails the test here.
+    pub fn stop(self) -> (Ws, T, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
 /// A node with one reactor and one WebSocket (the witness, on channel `witness`) that must
 /// keep being served whatever other clients do to the node.
 pub struct Witnessed {
