@@ -39,8 +39,9 @@ pub const SEC: Duration = Duration::from_secs(1);
 /// trips it, while a real hang still fails the test.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The server binary: `FANOUT_BIN` (tests/run points it at the release build), else the
-/// binary cargo built for this test run.
+/// The server binary: `FANOUT_BIN` when set (tests/run's `cargo-test` step points it at the
+/// release build, `cargo-test-debug` at the debug one), else the binary cargo built for this test
+/// run: the debug build under a plain `cargo test`, so overflow checks and debug assertions run.
 pub fn fanout_bin() -> PathBuf {
     match std::env::var("FANOUT_BIN") {
         Ok(p) if !p.is_empty() => PathBuf::from(p),
