@@ -15,7 +15,7 @@ mod ops_support;
 
 use fanout::config::{Args, Config};
 use fanout::server::{build, Node};
-use ops_support::Redis;
+use ops_support::{client_frame, upgrade_request, Redis, PATIENCE, TEXT};
 
 struct CountingAlloc;
 
@@ -56,7 +56,7 @@ fn node(extra: &[&str]) -> Node {
 /// Steps the reactor until `done`, returning the allocations made inside its turns.
 fn pump(node: &mut Node, what: &str, mut done: impl FnMut(&Node) -> bool) -> u64 {
     let mut events = mio::Events::with_capacity(1024);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     let mut counted = 0;
     while !done(node) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -73,13 +73,11 @@ fn deliveries(node: &Node) -> u64 {
     node.shared.reactors[0].metrics.deliveries.get()
 }
 
+/// Connects and writes the upgrade request; the reactor (stepped by the test) answers it.
 fn connect(addr: SocketAddr, channel: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /ws?channel={channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
+    s.write_all(&upgrade_request(&format!("/ws?channel={channel}"), &[], ""))
+        .unwrap();
     s
 }
 
@@ -92,14 +90,6 @@ fn subscribers(node: &mut Node, n: usize) -> (Vec<TcpStream>, TcpStream) {
         node.shared.reactors[0].metrics.accepted.get() == n as u64 + 1
     });
     (subs, publisher)
-}
-
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut f = vec![0x81, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
 }
 
 /// Reads whatever is waiting on every client socket so their buffers never fill.
@@ -115,25 +105,43 @@ fn drain_clients(clients: &mut [TcpStream]) {
     }
 }
 
-/// Fewest allocations seen across several publishes (after a warm-up one), so that a periodic
-/// timer firing inside one measured turn cannot skew the result.
-fn steady_allocations_local(n: usize) -> u64 {
-    let mut node = node(&[]);
-    let (mut subs, mut publisher) = subscribers(&mut node, n);
+/// Fewest allocations inside the reactor turns that deliver one message to `n` subscribers
+/// plus its publisher, over several publishes after a warm-up one (so a periodic timer firing
+/// inside one measured turn cannot skew the result). `publish` sends one message, outside the
+/// counted turns.
+fn steady_allocations(
+    node: &mut Node,
+    subs: &mut [TcpStream],
+    publisher: &mut TcpStream,
+    n: usize,
+    what: &str,
+    publish: &mut impl FnMut(&mut TcpStream),
+) -> u64 {
     let mut fewest = u64::MAX;
     for round in 0..6 {
-        let before = deliveries(&node);
-        publisher.write_all(&masked_text(b"hello")).unwrap();
-        let counted = pump(&mut node, "delivery", |node| {
-            deliveries(node) == before + n as u64 + 1
-        });
+        let before = deliveries(node);
+        publish(publisher);
+        let counted = pump(node, what, |node| deliveries(node) == before + n as u64 + 1);
         if round > 0 {
             fewest = fewest.min(counted);
         }
-        drain_clients(&mut subs);
-        drain_clients(std::slice::from_mut(&mut publisher));
+        drain_clients(subs);
+        drain_clients(std::slice::from_mut(publisher));
     }
     fewest
+}
+
+fn steady_allocations_local(n: usize) -> u64 {
+    let mut node = node(&[]);
+    let (mut subs, mut publisher) = subscribers(&mut node, n);
+    steady_allocations(
+        &mut node,
+        &mut subs,
+        &mut publisher,
+        n,
+        "delivery",
+        &mut |publisher| publisher.write_all(&client_frame(TEXT, b"hello")).unwrap(),
+    )
 }
 
 #[test]
@@ -152,35 +160,30 @@ fn local_fanout_allocations_do_not_grow_with_subscribers() {
 }
 
 fn steady_allocations_from_redis(redis: &Redis, n: usize) -> u64 {
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    let mut node = node(&["--redis", &url]);
+    let mut node = node(&["--redis", &redis.url()]);
     pump(&mut node, "redis link", |node| {
         node.shared.readiness().is_ok()
     });
     let (mut subs, mut publisher) = subscribers(&mut node, n);
     // Wait until Redis has registered this reactor's SUBSCRIBE.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(&redis.command(&["PUBSUB", "NUMSUB", "c"])).contains(":1") {
+    let deadline = Instant::now() + PATIENCE;
+    while redis.numsub("c") != 1 {
         assert!(Instant::now() < deadline, "SUBSCRIBE never reached Redis");
         let mut events = mio::Events::with_capacity(64);
         node.reactors[0]
             .turn(&mut events, Some(Duration::from_millis(5)))
             .unwrap();
     }
-    let mut fewest = u64::MAX;
-    for round in 0..6 {
-        let before = deliveries(&node);
-        redis.command(&["PUBLISH", "c", "hello from redis"]);
-        let counted = pump(&mut node, "delivery from redis", |node| {
-            deliveries(node) == before + n as u64 + 1
-        });
-        if round > 0 {
-            fewest = fewest.min(counted);
-        }
-        drain_clients(&mut subs);
-        drain_clients(std::slice::from_mut(&mut publisher));
-    }
-    fewest
+    steady_allocations(
+        &mut node,
+        &mut subs,
+        &mut publisher,
+        n,
+        "delivery from redis",
+        &mut |_| {
+            redis.publish("c", b"hello from redis");
+        },
+    )
 }
 
 #[test]

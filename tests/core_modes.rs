@@ -16,32 +16,10 @@ use std::time::{Duration, Instant};
 use ops_support::*;
 use serde_json::{json, Value};
 
-const SEC: Duration = Duration::from_secs(1);
-
-/// Next data frame as (opcode, payload); panics with `who` on timeout.
-fn next(ws: &mut Ws, who: &str) -> (u8, Vec<u8>) {
-    let f = ws
-        .recv(10 * SEC)
-        .unwrap_or_else(|e| panic!("{who}: expected a message: {e}"));
-    (f.opcode, f.payload)
-}
-
-fn text(ws: &mut Ws, who: &str) -> String {
-    let (op, payload) = next(ws, who);
-    assert_eq!(op, TEXT, "{who}: expected text");
-    String::from_utf8(payload).unwrap_or_else(|e| panic!("{who}: not UTF-8: {e}"))
-}
-
-/// Next text frame parsed as JSON.
-fn json_msg(ws: &mut Ws, who: &str) -> Value {
-    let t = text(ws, who);
-    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{who}: reply {t:?} is not JSON: {e}"))
-}
-
 /// Sends one command and checks the error reply: its id and a phrase of its message.
 fn expect_error(ws: &mut Ws, command: &[u8], id: Option<Value>, phrase: &str) {
     ws.send(TEXT, command).unwrap();
-    let reply = json_msg(ws, "error reply");
+    let reply = ws.next_json("error reply");
     assert_eq!(
         reply["op"],
         "error",
@@ -71,13 +49,13 @@ fn raw_mode_publishes_verbatim_to_its_own_channel_only() {
     // publishers is only defined by time.
     a.send_text("hello");
     for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
-        assert_eq!(next(ws, who), (TEXT, b"hello".to_vec()));
+        assert_eq!(ws.next_data(who), (TEXT, b"hello".to_vec()));
     }
     let binary = [0u8, 1, 0x7f, 0xfe, 0xff];
     b.send(BINARY, &binary).unwrap();
     for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
         assert_eq!(
-            next(ws, who),
+            ws.next_data(who),
             (BINARY, binary.to_vec()),
             "binary stays binary"
         );
@@ -88,23 +66,27 @@ fn raw_mode_publishes_verbatim_to_its_own_channel_only() {
     a.send(TEXT, b"").unwrap();
     for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
         assert_eq!(
-            next(ws, who),
+            ws.next_data(who),
             (TEXT, looks_like_a_command.as_bytes().to_vec())
         );
-        assert_eq!(next(ws, who), (TEXT, Vec::new()), "empty message");
+        assert_eq!(ws.next_data(who), (TEXT, Vec::new()), "empty message");
     }
     chat_default.send_text("in chat");
     for (ws, who) in [(&mut chat_default, "default"), (&mut chat_named, "chat")] {
-        assert_eq!(text(ws, who), "in chat", "no ?channel= means channel chat");
+        assert_eq!(
+            ws.next_text(who),
+            "in chat",
+            "no ?channel= means channel chat"
+        );
     }
     // Everything above was handled before these markers: a leak would arrive first.
     other.send_text("marker");
-    assert_eq!(text(&mut other, "other"), "marker");
+    assert_eq!(other.next_text("other"), "marker");
     chat_named.send_text("chat marker");
-    assert_eq!(text(&mut chat_default, "default"), "chat marker");
-    assert_eq!(text(&mut chat_named, "chat"), "chat marker");
+    assert_eq!(chat_default.next_text("default"), "chat marker");
+    assert_eq!(chat_named.next_text("chat"), "chat marker");
     a.send_text("room marker");
-    assert_eq!(text(&mut b, "b"), "room marker");
+    assert_eq!(b.next_text("b"), "room marker");
     let m = server.metrics();
     assert_eq!(m.get("fanout_publishes_total"), 8.0);
     assert_eq!(
@@ -133,25 +115,25 @@ fn json_mode_commands_replies_and_payload_rules() {
     let mut not_json = Ws::from_stream(s);
     not_json.send_text(r#"{"op":"subscribe","channel":"news"}"#);
     assert_eq!(
-        text(&mut not_json, "raw"),
+        not_json.next_text("raw"),
         r#"{"op":"subscribe","channel":"news"}"#,
         "without fanout.json a command is just a raw message"
     );
 
     // Ids of any JSON type come back verbatim, byte for byte.
     j.send_text(r#"{"op":"subscribe","channel":"news","id":1}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":1}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":1}"#);
     j.send_text(r#"{"id":"s-2","op":"subscribe","channel":"news"}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":"s-2"}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":"s-2"}"#);
     j.send_text(r#"{"op":"unsubscribe","channel":"never-joined","id":{"k": [1, 2.50, "x"]}}"#);
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"ok","id":{"k": [1, 2.50, "x"]}}"#
     );
     j.send_text(r#"{"op":"subscribe","channel":"side"}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok"}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok"}"#);
     j.send_text(r#"{"op":"unsubscribe","channel":"x","id":null}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":null}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":null}"#);
 
     let mut raw = server.ws("/ws?channel=news");
     // ?channel= on a JSON connection subscribes at once, without a reply.
@@ -160,56 +142,56 @@ fn json_mode_commands_replies_and_payload_rules() {
 
     // JSON data is published as its JSON text, verbatim (spacing included).
     p.send_text(r#"{"op":"publish","channel":"news","data":{"any": "JSON value"},"id":3}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":3}"#);
+    assert_eq!(p.next_text("p"), r#"{"op":"ok","id":3}"#);
     let delivery = r#"{"op":"message","channel":"news","data":{"any": "JSON value"}}"#;
-    assert_eq!(text(&mut j, "j"), delivery);
-    assert_eq!(text(&mut j2, "j2"), delivery);
-    assert_eq!(text(&mut raw, "raw"), r#"{"any": "JSON value"}"#);
+    assert_eq!(j.next_text("j"), delivery);
+    assert_eq!(j2.next_text("j2"), delivery);
+    assert_eq!(raw.next_text("raw"), r#"{"any": "JSON value"}"#);
     // A string publishes its bytes: raw sees them unquoted and unescaped.
     p.send_text(r#"{"op":"publish","channel":"news","data":"hello","id":4}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":4}"#);
-    assert_eq!(text(&mut raw, "raw"), "hello");
+    assert_eq!(p.next_text("p"), r#"{"op":"ok","id":4}"#);
+    assert_eq!(raw.next_text("raw"), "hello");
     let hello = r#"{"op":"message","channel":"news","data":"hello"}"#;
-    assert_eq!(text(&mut j, "j"), hello);
+    assert_eq!(j.next_text("j"), hello);
     p.send_text(r#"{"op":"publish","channel":"news","data":"h\u00e9 \"q\""}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok"}"#);
-    assert_eq!(text(&mut raw, "raw"), "hé \"q\"");
+    assert_eq!(p.next_text("p"), r#"{"op":"ok"}"#);
+    assert_eq!(raw.next_text("raw"), "hé \"q\"");
     assert_eq!(
-        json_msg(&mut j, "j"),
+        j.next_json("j"),
         json!({"op":"message","channel":"news","data":"hé \"q\""})
     );
     p.send_text(r#"{"op":"publish","channel":"news","data":42}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok"}"#);
-    assert_eq!(text(&mut raw, "raw"), "42");
+    assert_eq!(p.next_text("p"), r#"{"op":"ok"}"#);
+    assert_eq!(raw.next_text("raw"), "42");
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":42}"#
     );
 
     p.send_text(r#"{"op":"publish","channel":"news","data":null,"id":null}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":null}"#);
-    assert_eq!(text(&mut raw, "raw"), "null");
+    assert_eq!(p.next_text("p"), r#"{"op":"ok","id":null}"#);
+    assert_eq!(raw.next_text("raw"), "null");
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":null}"#
     );
 
     // Raw publishes as JSON subscribers see them.
     raw.send_text("hello");
-    assert_eq!(text(&mut j, "j"), hello, "raw hello == JSON \"hello\"");
+    assert_eq!(j.next_text("j"), hello, "raw hello == JSON \"hello\"");
     raw.send_text(r#"[1, {"b":null}]"#);
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":[1, {"b":null}]}"#
     );
     raw.send(BINARY, &[0xff, 0x00, 0x10]).unwrap();
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":"/wAQ","encoding":"base64"}"#
     );
     raw.send(BINARY, b"plain").unwrap();
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":"plain"}"#
     );
     for want in [
@@ -219,13 +201,13 @@ fn json_mode_commands_replies_and_payload_rules() {
         (BINARY, b"plain".to_vec()),
     ] {
         assert_eq!(
-            next(&mut raw, "raw"),
+            raw.next_data("raw"),
             want,
             "raw subscriber keeps text/binary"
         );
     }
     for _ in 0..8 {
-        json_msg(&mut j2, "j2");
+        j2.next_json("j2");
     }
 
     // Errors: a reply that says what is wrong; the connection stays open.
@@ -287,7 +269,7 @@ fn json_mode_commands_replies_and_payload_rules() {
     expect_error(&mut p, b"", None, "invalid command");
     p.send(BINARY, br#"{"op":"subscribe","channel":"news"}"#)
         .unwrap();
-    let reply = json_msg(&mut p, "p");
+    let reply = p.next_json("p");
     assert_eq!(reply["op"], "error");
     assert!(
         reply["error"].as_str().unwrap().contains("binary"),
@@ -295,21 +277,21 @@ fn json_mode_commands_replies_and_payload_rules() {
     );
     // Nothing was published or subscribed by the failed commands.
     p.send_text(r#"{"op":"publish","channel":"news","data":"still here","id":15}"#);
-    assert_eq!(text(&mut p, "p"), r#"{"op":"ok","id":15}"#);
-    assert_eq!(text(&mut raw, "raw"), "still here");
+    assert_eq!(p.next_text("p"), r#"{"op":"ok","id":15}"#);
+    assert_eq!(raw.next_text("raw"), "still here");
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"news","data":"still here"}"#
     );
 
     // After unsubscribe, no more deliveries: the next thing j sees is a later publish elsewhere.
     j.send_text(r#"{"op":"unsubscribe","channel":"news","id":16}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":16}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":16}"#);
     p.send_text(r#"{"op":"publish","channel":"news","data":"gone"}"#);
     p.send_text(r#"{"op":"publish","channel":"side","data":"marker"}"#);
-    assert_eq!(text(&mut raw, "raw"), "gone");
+    assert_eq!(raw.next_text("raw"), "gone");
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"side","data":"marker"}"#
     );
 
@@ -318,7 +300,7 @@ fn json_mode_commands_replies_and_payload_rules() {
         j.send_text(&format!(
             r#"{{"op":"subscribe","channel":"{ch}","id":{id}}}"#
         ));
-        assert_eq!(text(&mut j, "j"), format!(r#"{{"op":"ok","id":{id}}}"#));
+        assert_eq!(j.next_text("j"), format!(r#"{{"op":"ok","id":{id}}}"#));
     }
     expect_error(
         &mut j,
@@ -328,17 +310,17 @@ fn json_mode_commands_replies_and_payload_rules() {
     );
     j.send_text(r#"{"op":"subscribe","channel":"a","id":20}"#);
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"ok","id":20}"#,
         "re-subscribing is not a new channel"
     );
     j.send_text(r#"{"op":"unsubscribe","channel":"a","id":21}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":21}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":21}"#);
     j.send_text(r#"{"op":"subscribe","channel":"c","id":22}"#);
-    assert_eq!(text(&mut j, "j"), r#"{"op":"ok","id":22}"#);
+    assert_eq!(j.next_text("j"), r#"{"op":"ok","id":22}"#);
     p.send_text(r#"{"op":"publish","channel":"c","data":"to c"}"#);
     assert_eq!(
-        text(&mut j, "j"),
+        j.next_text("j"),
         r#"{"op":"message","channel":"c","data":"to c"}"#
     );
     let m = server.metrics();
@@ -370,7 +352,7 @@ fn several_reactors_deliver_every_message_exactly_once() {
         })
         .collect();
     assert_eq!(
-        server.wait_metric("fanout_connections_open", CLIENTS as f64, 10 * SEC),
+        server.wait_metric("fanout_connections_open", CLIENTS as f64, PATIENCE),
         CLIENTS as f64
     );
     // The channel gauge counts the channel once per reactor that has a subscriber to it.
@@ -396,7 +378,7 @@ fn several_reactors_deliver_every_message_exactly_once() {
         let mut got = Received::new();
         let mut oks = 0;
         while got.values().map(Vec::len).sum::<usize>() < CLIENTS * EACH {
-            let t = text(ws, &who);
+            let t = ws.next_text(&who);
             let payload = if is_json(i) {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["op"] == "ok" {
@@ -427,7 +409,7 @@ fn several_reactors_deliver_every_message_exactly_once() {
         }
         if is_json(i) {
             while oks < EACH {
-                assert_eq!(json_msg(ws, &who)["op"], "ok");
+                assert_eq!(ws.next_json(&who)["op"], "ok");
                 oks += 1;
             }
         }
@@ -457,7 +439,7 @@ fn many_channels_keep_their_messages_to_themselves() {
         server.wait_metric(
             "fanout_connections_open",
             (CHANNELS * SUBS) as f64,
-            10 * SEC
+            PATIENCE
         ),
         (CHANNELS * SUBS) as f64
     );
@@ -469,7 +451,7 @@ fn many_channels_keep_their_messages_to_themselves() {
         for (c, group) in subs.iter_mut().enumerate() {
             for (s, ws) in group.iter_mut().enumerate() {
                 assert_eq!(
-                    text(ws, &format!("channel {c} subscriber {s}")),
+                    ws.next_text(&format!("channel {c} subscriber {s}")),
                     format!("round {round} channel {c}")
                 );
             }
@@ -508,7 +490,7 @@ fn flood_message(seq: usize) -> Vec<u8> {
 fn read_flood(mut ws: Ws, progress: Arc<AtomicUsize>) -> io::Result<(usize, Ws)> {
     let mut seq = 0;
     while seq < FLOOD {
-        let f = ws.recv(30 * SEC)?;
+        let f = ws.recv(PATIENCE)?;
         if f.opcode == CLOSE {
             panic!(
                 "a fast reader was closed at message {seq}: {:?}",
@@ -557,7 +539,7 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
     };
     readers.push(own);
     assert_eq!(
-        server.wait_metric("fanout_connections_open", 4.0, 10 * SEC),
+        server.wait_metric("fanout_connections_open", 4.0, PATIENCE),
         4.0
     );
     let rss_before = rss_kib(server.pid());
@@ -614,10 +596,10 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
     let mut slow = slow;
     let mut seq = 0;
     let mut close = None;
-    let give_up = Instant::now() + 20 * SEC;
+    let give_up = Instant::now() + 3 * PATIENCE;
     loop {
         assert!(Instant::now() < give_up, "slow client's stream never ended");
-        match slow.recv(5 * SEC) {
+        match slow.recv(PATIENCE) {
             Ok(f) if f.opcode == CLOSE => {
                 close = f.close_code();
                 break;
@@ -638,11 +620,14 @@ fn a_slow_consumer_is_closed_others_get_everything_memory_stays_bounded() {
     if let Some((code, reason)) = close {
         assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
     }
-    assert!(slow.wait_eof(5 * SEC), "slow client's socket closed");
+    assert!(slow.wait_eof(PATIENCE), "slow client's socket closed");
     // The fast subscribers stayed open until here.
     drop(fast);
 }
 
+/// SIGTERM closes raw, JSON and mute clients with 1001 "server shutting down", drops a client
+/// still sending its HTTP request, and the process exits 0 even though one client never answers
+/// its close; afterwards nothing listens. No bound on how long that takes: only that it ends.
 #[test]
 fn sigterm_closes_every_client_with_1001_and_exits_zero() {
     let mut server = Server::start(&[
@@ -662,14 +647,13 @@ fn sigterm_closes_every_client_with_1001_and_exits_zero() {
     half.write_all(b"GET /ws?channel=bye HTTP/1.1\r\nHost: t\r\n")
         .unwrap();
     assert_eq!(
-        server.wait_metric("fanout_connections_open", 3.0, 5 * SEC),
+        server.wait_metric("fanout_connections_open", 3.0, PATIENCE),
         3.0
     );
-    let t0 = Instant::now();
     server.signal("TERM");
     for (ws, who) in [(&mut raw, "raw"), (&mut json, "json"), (&mut mute, "mute")] {
         let (code, reason) = ws
-            .recv_close(5 * SEC)
+            .recv_close(PATIENCE)
             .unwrap_or_else(|e| panic!("{who}: no close: {e}"));
         assert_eq!(
             (code, reason.as_str()),
@@ -679,28 +663,25 @@ fn sigterm_closes_every_client_with_1001_and_exits_zero() {
     }
     for ws in [&mut raw, &mut json] {
         ws.send_close(1001).unwrap();
-        assert!(ws.wait_eof(5 * SEC), "socket closed after the handshake");
+        assert!(ws.wait_eof(PATIENCE), "socket closed after the handshake");
     }
     let mut half_ws = Ws::from_stream(half.try_clone().unwrap());
     assert!(
-        half_ws.wait_eof(5 * SEC),
+        half_ws.wait_eof(PATIENCE),
         "half request dropped by the drain"
     );
+    // The mute client never answers the close: the node must give up on it (after the 2 s a
+    // closing client gets) and exit rather than wait for it. How soon depends on the machine,
+    // so what is asserted is that it exits, with 0, and everyone was closed first.
     let status = server
-        .wait_exit(10 * SEC)
-        .expect("process exits after the drain");
-    let took = t0.elapsed();
+        .wait_exit(PATIENCE)
+        .expect("process exits after the drain, mute client or not");
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
-    // Delay + drain time + the 2 s a closing client gets to answer, plus slack.
-    assert!(
-        took < Duration::from_secs_f64(0.5 + 2.0 + 2.5),
-        "exit took {took:?}"
-    );
     assert!(
         TcpStream::connect(server.addr).is_err(),
         "nothing listens after exit"
     );
-    assert!(mute.wait_eof(SEC), "mute client's socket is gone");
+    assert!(mute.wait_eof(PATIENCE), "mute client's socket is gone");
     let log = server.log();
     assert!(log.contains("drained; exiting"), "{log}");
 }
@@ -787,18 +768,21 @@ fn help_lists_every_option_with_its_environment_variable() {
     );
 }
 
-/// A burst bigger than `--max-queue` arriving in one read turn must not cut a reader that keeps
-/// up: the server writes what the reader's socket takes before calling anyone slow.
+/// A burst bigger than `--max-queue` arriving in one read turn must not cut a reader whose
+/// socket can take it: the server writes what the reader's socket takes before calling anyone
+/// slow. The reader's receive buffer (4 MiB asked) holds most of the burst, so the outcome does
+/// not depend on the reader thread being scheduled during the burst on a busy machine: a server
+/// that queued the whole read turn before writing would cut it whatever the reader does.
 #[test]
 fn a_reader_that_keeps_up_survives_a_burst_larger_than_its_queue() {
     const MESSAGES: usize = 1000;
     const SIZE: usize = 512;
     let server = Server::start(&["--threads", "1", "--max-queue", "65536"]);
-    let mut reader = server.ws("/ws?channel=burst");
+    let mut reader = client_with_recv_buffer(server.addr, "/ws?channel=burst", None, 4 << 20);
     let receiving = std::thread::spawn(move || {
         for i in 0..MESSAGES {
             let f = reader
-                .recv(10 * SEC)
+                .recv(PATIENCE)
                 .unwrap_or_else(|e| panic!("message {i} of {MESSAGES}: {e}"));
             assert_eq!(f.opcode, TEXT, "message {i}: {f:?}");
             assert_eq!(f.payload.len(), SIZE, "message {i}");

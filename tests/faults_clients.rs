@@ -1,23 +1,31 @@
 //! Misbehaving clients must hurt nobody else: one client that stops reading while 1000 others
-//! keep receiving (they get everything, with low latency; it is closed as a slow consumer), a
-//! client that connects and never sends (dropped at the handshake timeout), and sockets reset
-//! (SO_LINGER 0) in the middle of a frame, of an HTTP request and of the server's writes.
+//! keep receiving (they get everything, with a latency no worse than a generous factor of a
+//! control phase without it; it is closed as a slow consumer), a client that connects and never
+//! sends (dropped at the handshake timeout, never before), and sockets reset (SO_LINGER 0) in the
+//! middle of a frame, of an HTTP request and of the server's writes.
 
 mod ops_support;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use ops_support::*;
 
-const SEC: Duration = Duration::from_secs(1);
 const RECEIVERS: usize = 1000;
 const THREADS: usize = 4;
 const FAN_MESSAGES: u64 = 200;
+/// Pause between two publishes of a phase.
+const INTERVAL: Duration = Duration::from_millis(20);
+/// How much worse than the control the other clients' p99 may get while a reader stalls. Both
+/// phases run on the same machine a few seconds apart, so load slows them alike; a server that
+/// let the stalled socket hold up the reactor would stop deliveries (caught by the counts) or add
+/// whole seconds, not a factor of a few. Generous because the phase with the stalled reader does
+/// cost something real: with the debug server on a busy 2-core machine its p99 was measured at
+/// 2-8 times the control's, all of it in the ~10 messages before the cut.
+const LATENCY_FACTOR: f64 = 20.0;
 
 /// Aborts a socket with a TCP reset instead of a FIN.
 fn reset(stream: TcpStream) {
@@ -27,129 +35,134 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Receives on many nonblocking sockets with one poll; returns per-socket counts and latencies
-/// (ms) of "seq:micros" text messages, timed against `base`, and the sockets (kept open).
-type Received = (Vec<u64>, Vec<f64>, Vec<mio::net::TcpStream>);
-fn receive_all(streams: Vec<TcpStream>, base: Instant, want: u64, deadline: Instant) -> Received {
+/// What one receiver thread saw in one phase: per-socket counts and every latency (ms).
+type PhaseResult = (Vec<u64>, Vec<f64>);
+
+/// Receives on many nonblocking sockets with one poll, phase after phase: for each `want` sent
+/// on `phases` it reads until every socket got `want` messages "phase:seq:micros" of that
+/// phase (timed against `base`), then reports counts and latencies on `results`.
+fn receiver(
+    streams: Vec<TcpStream>,
+    base: Instant,
+    phases: mpsc::Receiver<(u64, u64)>,
+    results: mpsc::Sender<PhaseResult>,
+) {
     let mut poll = Poll::new().unwrap();
-    let mut conns: Vec<(mio::net::TcpStream, Vec<u8>, u64)> = Vec::new();
+    let mut conns: Vec<(mio::net::TcpStream, Vec<u8>)> = Vec::new();
     for (i, s) in streams.into_iter().enumerate() {
         s.set_nonblocking(true).unwrap();
         let mut s = mio::net::TcpStream::from_std(s);
         poll.registry()
             .register(&mut s, Token(i), Interest::READABLE)
             .unwrap();
-        conns.push((s, Vec::new(), 0));
+        conns.push((s, Vec::new()));
     }
-    let mut latencies = Vec::new();
     let mut events = Events::with_capacity(1024);
-    let mut done = 0;
     let mut chunk = vec![0u8; 65536];
-    while done < conns.len() && Instant::now() < deadline {
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .unwrap();
-        for ev in events.iter() {
-            let (s, buf, count) = &mut conns[ev.token().0];
-            loop {
-                match s.read(&mut chunk) {
-                    Ok(0) => panic!("receiver {} disconnected", ev.token().0),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => panic!("receiver {}: {e}", ev.token().0),
+    for (phase, want) in phases {
+        let mut counts = vec![0u64; conns.len()];
+        let mut latencies = Vec::new();
+        let mut done = 0;
+        // Only a stuck server reaches this: the phase itself lasts FAN_MESSAGES * INTERVAL.
+        let deadline = Instant::now() + 3 * PATIENCE;
+        // Bytes already buffered from the previous poll count too: parse before polling.
+        let mut ready: Vec<usize> = (0..conns.len()).collect();
+        while done < conns.len() && Instant::now() < deadline {
+            for i in ready.drain(..) {
+                let (s, buf) = &mut conns[i];
+                loop {
+                    match s.read(&mut chunk) {
+                        Ok(0) => panic!("receiver {i} disconnected"),
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => panic!("receiver {i}: {e}"),
+                    }
                 }
-            }
-            let now = base.elapsed().as_micros() as f64;
-            let mut at = 0;
-            while let Some((f, used)) = parse_frame(&buf[at..]) {
-                at += used;
-                assert_eq!(f.opcode, TEXT, "receiver got {f:?}");
-                let text = f.text();
-                let (_, sent) = text.split_once(':').expect("seq:micros");
-                latencies.push((now - sent.parse::<f64>().unwrap()) / 1000.0);
-                *count += 1;
-                if *count == want {
-                    done += 1;
+                let now = base.elapsed().as_micros() as f64;
+                let mut at = 0;
+                while counts[i] < want {
+                    let Some((f, used)) = parse_frame(&buf[at..]) else {
+                        break;
+                    };
+                    at += used;
+                    assert_eq!(f.opcode, TEXT, "receiver got {f:?}");
+                    let text = f.text();
+                    let mut parts = text.split(':');
+                    let got_phase: u64 = parts.next().unwrap().parse().unwrap();
+                    assert_eq!(got_phase, phase, "receiver {i}: a message of another phase");
+                    let _seq = parts.next().expect("phase:seq:micros");
+                    let sent: f64 = parts.next().expect("phase:seq:micros").parse().unwrap();
+                    latencies.push((now - sent) / 1000.0);
+                    counts[i] += 1;
+                    if counts[i] == want {
+                        done += 1;
+                    }
                 }
+                buf.drain(..at);
             }
-            buf.drain(..at);
+            if done == conns.len() {
+                break;
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .unwrap();
+            ready.extend(events.iter().map(|ev| ev.token().0));
+        }
+        if results.send((counts, latencies)).is_err() {
+            return;
         }
     }
-    let counts = conns.iter().map(|c| c.2).collect();
-    (counts, latencies, conns.into_iter().map(|c| c.0).collect())
 }
 
-#[test]
-fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
-    let server = Server::start(&["--threads", "2", "--max-queue", "262144"]);
+/// The JSON publisher of both phases; its replies are drained by a [`Reader`] that counts errors.
+struct Publisher {
+    writer: Ws,
+    replies: Reader<usize>,
+}
 
-    // The stalled client: a tiny receive buffer, subscribed to the shared channel and to a bulk
-    // channel only it listens to, and it never reads.
-    let slow = {
-        let mut ws = tiny_buffer_client(server.addr, "/ws", Some("fanout.json"));
-        ws.send_text(r#"{"op":"subscribe","channel":"fan","id":1}"#);
-        ws.send_text(r#"{"op":"subscribe","channel":"bulk","id":2}"#);
-        ws
-    };
-    let mut groups: Vec<Vec<TcpStream>> = (0..THREADS).map(|_| Vec::new()).collect();
-    for i in 0..RECEIVERS {
-        let ws = server.ws("/ws?channel=fan");
-        groups[i % THREADS].push(ws.stream);
-    }
-    assert_eq!(
-        server.wait_metric("fanout_connections_open", RECEIVERS as f64 + 1.0, 10 * SEC),
-        RECEIVERS as f64 + 1.0
-    );
-
-    let base = Instant::now();
-    let deadline = base + 30 * SEC;
-    let receivers: Vec<_> = groups
-        .into_iter()
-        .map(|g| std::thread::spawn(move || receive_all(g, base, FAN_MESSAGES, deadline)))
-        .collect();
-
-    // The publisher is not subscribed to anything; its ok replies are drained by a thread.
-    let publisher = server.ws_json("/ws");
-    let mut writer = Ws::from_stream(publisher.stream.try_clone().unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let drain = {
-        let stop = stop.clone();
-        let mut p = publisher;
-        std::thread::spawn(move || {
-            let mut errors = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match p.recv(Duration::from_millis(100)) {
-                    Ok(f) if f.text().contains("error") => errors += 1,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                    Err(e) => panic!("publisher: {e}"),
-                }
+impl Publisher {
+    fn start(server: &Server) -> Publisher {
+        let publisher = server.ws_json("/ws");
+        let writer = Ws::from_stream(publisher.stream.try_clone().unwrap());
+        let replies = Reader::start(publisher, "publisher", 0, |errors, f| {
+            if f.text().contains("error") {
+                *errors += 1;
             }
-            errors
-        })
-    };
-    let bulk = "x".repeat(32 * 1024);
-    for seq in 0..FAN_MESSAGES {
-        let us = base.elapsed().as_micros();
-        writer.send_text(&format!(
-            r#"{{"op":"publish","channel":"fan","data":"{seq}:{us}"}}"#
-        ));
-        writer.send_text(&format!(
-            r#"{{"op":"publish","channel":"bulk","data":"{bulk}"}}"#
-        ));
-        std::thread::sleep(Duration::from_millis(20));
+        });
+        Publisher { writer, replies }
     }
+
+    /// One phase: FAN_MESSAGES small timestamped messages to `fan`, each followed by 32 KiB to
+    /// `bulk` (which only the stalled client, if any, subscribes to).
+    fn phase(&mut self, phase: u64, base: Instant) {
+        let bulk = "x".repeat(32 * 1024);
+        for seq in 0..FAN_MESSAGES {
+            let us = base.elapsed().as_micros();
+            self.writer.send_text(&format!(
+                r#"{{"op":"publish","channel":"fan","data":"{phase}:{seq}:{us}"}}"#
+            ));
+            self.writer.send_text(&format!(
+                r#"{{"op":"publish","channel":"bulk","data":"{bulk}"}}"#
+            ));
+            std::thread::sleep(INTERVAL);
+        }
+    }
+
+    fn errors(self) -> usize {
+        self.replies.stop().1
+    }
+}
+
+/// Collects one phase from every receiver thread; checks every delivery arrived; returns the
+/// sorted latencies.
+fn collect_phase(results: &mpsc::Receiver<PhaseResult>, what: &str) -> Vec<f64> {
     let mut counts = Vec::new();
     let mut latencies = Vec::new();
-    let mut sockets = Vec::new();
-    for r in receivers {
-        let (c, l, s) = r.join().unwrap();
+    for _ in 0..THREADS {
+        let (c, l) = results.recv().expect("a receiver thread died");
         counts.extend(c);
         latencies.extend(l);
-        sockets.extend(s);
     }
-    stop.store(true, Ordering::Relaxed);
-    assert_eq!(drain.join().unwrap(), 0, "publishes refused");
     let short: Vec<_> = counts
         .iter()
         .enumerate()
@@ -157,19 +170,89 @@ fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
         .collect();
     assert!(
         short.is_empty(),
-        "receivers missing messages (index, count): {short:?}"
+        "{what}: receivers missing messages (index, count): {short:?}"
     );
+    assert_eq!(latencies.len(), RECEIVERS * FAN_MESSAGES as usize);
     latencies.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (
+    eprintln!(
+        "{what}: {} deliveries: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         latencies[latencies.len() - 1],
     );
-    eprintln!(
-        "{} deliveries: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-        latencies.len()
+    latencies
+}
+
+/// A client that stops reading must not hold up the 1000 others on its node. Proves: in a
+/// control phase without it and in a phase with it stalled (subscribed to the same channel and
+/// to a bulk channel that overflows its 256 KiB queue), every one of the 1000 receivers gets
+/// every message; the stalled one is closed as a slow consumer (counted once, close 1008 if the
+/// frame fit in its socket, then the end of its stream) while all the others stay open; and the
+/// others' p99 latency with the stalled reader stays within LATENCY_FACTOR of the control p99
+/// (or under 5 publish intervals, when the control is so fast that a factor means nothing). The
+/// comparison is against a control measured seconds earlier in the same process, so a slow or
+/// busy machine moves both alike.
+#[test]
+fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
+    let server = Server::start(&["--threads", "2", "--max-queue", "262144"]);
+    let mut groups: Vec<Vec<TcpStream>> = (0..THREADS).map(|_| Vec::new()).collect();
+    for i in 0..RECEIVERS {
+        let ws = server.ws("/ws?channel=fan");
+        groups[i % THREADS].push(ws.stream);
+    }
+    let mut publisher = Publisher::start(&server);
+    assert_eq!(
+        server.wait_metric("fanout_connections_open", RECEIVERS as f64 + 1.0, PATIENCE),
+        RECEIVERS as f64 + 1.0
     );
-    assert!(p99 < 200.0, "p99 latency {p99:.1} ms of the other clients");
+    let base = Instant::now();
+    let (results_tx, results) = mpsc::channel();
+    let mut phase_txs = Vec::new();
+    let mut receivers = Vec::new();
+    for g in groups {
+        let (tx, rx) = mpsc::channel();
+        let results_tx = results_tx.clone();
+        phase_txs.push(tx);
+        receivers.push(std::thread::spawn(move || {
+            receiver(g, base, rx, results_tx)
+        }));
+    }
+    let start_phase = |phase_txs: &[mpsc::Sender<(u64, u64)>], phase: u64| {
+        for tx in phase_txs {
+            tx.send((phase, FAN_MESSAGES)).unwrap();
+        }
+    };
+
+    // Control: the same traffic, nobody stalled (the bulk channel has no subscriber).
+    start_phase(&phase_txs, 1);
+    publisher.phase(1, base);
+    let control = collect_phase(&results, "control");
+
+    // The stalled client: a tiny receive buffer, subscribed to the shared channel and to the
+    // bulk channel; it reads its two replies (so both subscriptions are in place) and then
+    // never reads again.
+    let mut slow = tiny_buffer_client(server.addr, "/ws", Some("fanout.json"));
+    slow.send_text(r#"{"op":"subscribe","channel":"fan","id":1}"#);
+    slow.send_text(r#"{"op":"subscribe","channel":"bulk","id":2}"#);
+    for id in 1..=2 {
+        assert_eq!(
+            slow.next_text("stalled client's reply"),
+            format!(r#"{{"op":"ok","id":{id}}}"#)
+        );
+    }
+    start_phase(&phase_txs, 2);
+    publisher.phase(2, base);
+    let stalled = collect_phase(&results, "with a stalled reader");
+
+    let (control_p99, stalled_p99) = (percentile(&control, 0.99), percentile(&stalled, 0.99));
+    let floor = 5.0 * INTERVAL.as_secs_f64() * 1000.0;
+    let allowed = (LATENCY_FACTOR * control_p99).max(floor);
+    assert!(
+        stalled_p99 <= allowed,
+        "p99 latency of the other clients {stalled_p99:.1} ms with a stalled reader, control \
+         {control_p99:.1} ms: more than {allowed:.1} ms allowed"
+    );
 
     let m = server.metrics();
     assert_eq!(m.closed("slow_consumer"), 1.0);
@@ -179,12 +262,11 @@ fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
         "receivers + publisher"
     );
     // When the stalled client reads again it finds its connection closed (with 1008 if the
-    // close frame fit in its socket).
-    let mut slow = slow;
+    // close frame fit in its socket), then the end of the stream.
     let mut closing = None;
-    let give_up = Instant::now() + 10 * SEC;
+    let give_up = Instant::now() + PATIENCE;
     while Instant::now() < give_up {
-        match slow.recv(SEC) {
+        match slow.recv(PATIENCE) {
             Ok(f) if f.opcode == CLOSE => {
                 closing = f.close_code();
                 break;
@@ -197,30 +279,38 @@ fn a_stalled_reader_is_cut_off_while_a_thousand_others_keep_their_latency() {
     if let Some((code, reason)) = closing {
         assert_eq!((code, reason.as_str()), (1008, "slow consumer"));
     }
-    drop(sockets);
+    assert!(
+        slow.wait_eof(PATIENCE),
+        "the stalled client's socket was closed"
+    );
+    // The publisher (counted open above) closes here, with its replies checked.
+    assert_eq!(publisher.errors(), 0, "publishes refused");
+    // The receivers keep their sockets (open above) until their phase channel closes.
+    drop(phase_txs);
+    for r in receivers {
+        r.join().unwrap();
+    }
 }
 
+/// A client that connects and never sends a byte is dropped by the handshake timeout (0.5 s):
+/// the connection ends without an answer, not before the timeout (measured from before the
+/// connect, so load can only make it later), counted once in
+/// fanout_handshake_timeouts_total, and a WebSocket already open on the node is unaffected.
+/// How much later than the timeout it happens is the machine's business, not asserted.
 #[test]
 fn a_client_that_never_sends_is_dropped_at_the_handshake_timeout() {
     let server = Server::start(&["--handshake-timeout", "0.5"]);
     let mut busy = server.ws("/ws?channel=c");
-    let mut mute = TcpStream::connect(server.addr).unwrap();
     let start = Instant::now();
-    mute.set_read_timeout(Some(5 * SEC)).unwrap();
-    let mut buf = [0u8; 64];
-    let r = mute.read(&mut buf);
-    let took = start.elapsed();
+    let mut mute = TcpStream::connect(server.addr).unwrap();
+    let took = wait_dropped(&mut mute) - start;
     assert!(
-        matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
-        "{r:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(450) && took <= Duration::from_millis(1500),
-        "dropped after {took:?}"
+        took >= Duration::from_millis(450),
+        "dropped after {took:?}, before the 0.5 s handshake timeout"
     );
     assert_eq!(server.metrics().get("fanout_handshake_timeouts_total"), 1.0);
     busy.send_text("unaffected");
-    assert_eq!(busy.recv_text(SEC), "unaffected");
+    assert_eq!(busy.next_text("open WebSocket"), "unaffected");
 }
 
 #[test]
@@ -260,16 +350,16 @@ fn sockets_reset_mid_frame_mid_request_and_mid_write_leave_the_server_serving() 
     }
     drop(flooded);
     for i in 0..100 {
-        let reply = publisher.recv_text(5 * SEC);
+        let reply = publisher.next_text("publish reply");
         assert_eq!(reply, format!(r#"{{"op":"ok","id":{i}}}"#));
     }
 
     // Everyone else is still served.
     a.send_text("after the resets");
-    assert_eq!(a.recv_text(SEC), "after the resets");
-    assert_eq!(b.recv_text(SEC), "after the resets");
+    assert_eq!(a.next_text("a"), "after the resets");
+    assert_eq!(b.next_text("b"), "after the resets");
     assert_eq!(server.get("/healthz").0, 200);
-    let open = server.wait_metric("fanout_connections_open", 3.0, 5 * SEC);
+    let open = server.wait_metric("fanout_connections_open", 3.0, PATIENCE);
     assert_eq!(open, 3.0, "a, b and the publisher");
     let m = server.metrics();
     // a, b, 50 half frames, 20 flooded, the publisher; the half HTTP requests never upgraded.

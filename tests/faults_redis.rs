@@ -1,8 +1,9 @@
 //! Redis faults: Redis killed and restarted on the same port under steady publish load through
 //! two nodes (deliveries counted before and after, every message numbered so a duplicate is
-//! caught, both nodes ready again within 2 s); a fake Redis that accepts but never answers; a
-//! fake Redis that answers with RESP garbage. The node must never hang or crash and must keep
-//! serving its WebSocket clients.
+//! caught, both nodes ready again without client action); a fake Redis that accepts but never
+//! answers; a fake Redis that answers with RESP garbage. The node must never hang or crash and
+//! must keep serving its WebSocket clients. Phases are delimited by events (Redis killed, both
+//! nodes ready, both re-subscribed in PUBSUB NUMSUB), never by how long recovery may take.
 
 mod ops_support;
 
@@ -15,30 +16,30 @@ use std::time::{Duration, Instant};
 
 use ops_support::*;
 
-const SEC: Duration = Duration::from_secs(1);
+/// Messages published through a phase that must carry traffic (before the kill, after the
+/// recovery): a count, not a duration, so a slow machine publishes as many as a fast one.
+const PHASE_MESSAGES: usize = 300;
 
-/// Collects the numbers a subscriber receives, with arrival times, until `stop`.
-fn collect(mut ws: Ws, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(u64, Instant)>> {
-    std::thread::spawn(move || {
-        let mut got = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            match ws.recv(Duration::from_millis(100)) {
-                Ok(f) if f.opcode == TEXT => {
-                    let n: u64 = f
-                        .text()
-                        .parse()
-                        .unwrap_or_else(|_| panic!("not a number: {:?}", f.text()));
-                    got.push((n, Instant::now()));
-                }
-                Ok(f) => panic!("subscriber got {f:?}"),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("subscriber lost its connection: {e}"),
-            }
-        }
-        got
+/// Collects the numbers a subscriber receives into `got` until stopped.
+fn collect(ws: Ws, got: Arc<Mutex<Vec<u64>>>) -> Reader<()> {
+    Reader::start(ws, "subscriber", (), move |_, f| {
+        assert_eq!(f.opcode, TEXT, "subscriber got {f:?}");
+        let n: u64 = f
+            .text()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {:?}", f.text()));
+        got.lock().unwrap().push(n);
     })
 }
 
+/// Redis killed (SIGKILL) and restarted on the same port while a JSON client on node 1 publishes
+/// numbered messages and a subscriber on each of two nodes collects them. Proves: every publish
+/// is answered (ok, or "redis unavailable" while Redis is down; some are refused); no node
+/// delivers a message twice, out of order, or one that was refused; every message published
+/// before the kill, and every one published after both nodes are ready and re-subscribed (as
+/// PUBSUB NUMSUB shows), reaches both subscribers; both nodes get ready again without any client
+/// action, each reactor reconnecting exactly once. How soon they recover is not asserted (it
+/// depends on the machine); that they do, within the test's patience, is.
 #[test]
 fn redis_restart_under_load_loses_nothing_acknowledged_and_duplicates_nothing() {
     let mut redis = Redis::start();
@@ -46,113 +47,119 @@ fn redis_restart_under_load_loses_nothing_acknowledged_and_duplicates_nothing() 
     let n1 = Server::start(&["--threads", "2", "--redis", &url]);
     let n2 = Server::start(&["--threads", "2", "--redis", &url]);
     for n in [&n1, &n2] {
-        assert!(wait_status(n.addr, "/readyz", 200, 5 * SEC).is_some());
+        assert!(wait_status(n.addr, "/readyz", 200, PATIENCE).is_some());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let s1 = collect(n1.ws("/ws?channel=load"), stop.clone());
-    let s2 = collect(n2.ws("/ws?channel=load"), stop.clone());
-    // Let both nodes' SUBSCRIBEs reach Redis before counting.
-    std::thread::sleep(Duration::from_millis(300));
+    let got: [Arc<Mutex<Vec<u64>>>; 2] = Default::default();
+    let s1 = collect(n1.ws("/ws?channel=load"), got[0].clone());
+    let s2 = collect(n2.ws("/ws?channel=load"), got[1].clone());
+    // Both nodes' SUBSCRIBEs are in place before counting.
+    assert_eq!(redis.wait_numsub("load", 2, PATIENCE), 2);
 
     // The publisher (JSON mode, on node 1) numbers every message; the reply says whether
     // Redis acknowledged it. A reader thread matches replies to ids.
     let publisher = n1.ws_json("/ws");
     let mut writer = Ws::from_stream(publisher.stream.try_clone().unwrap());
-    let replies: Arc<Mutex<BTreeMap<u64, (bool, Instant)>>> = Default::default();
+    let replies: Arc<Mutex<BTreeMap<u64, bool>>> = Default::default();
     let reader = {
         let replies = replies.clone();
-        let stop = stop.clone();
-        let mut publisher = publisher;
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match publisher.recv(Duration::from_millis(100)) {
-                    Ok(f) => {
-                        let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
-                        let id = v["id"]
-                            .as_u64()
-                            .unwrap_or_else(|| panic!("reply without id: {v}"));
-                        let ok = v["op"] == "ok";
-                        assert!(
-                            ok || v["error"].as_str().unwrap().contains("redis unavailable"),
-                            "{v}"
-                        );
-                        replies.lock().unwrap().insert(id, (ok, Instant::now()));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                    Err(e) => panic!("publisher lost its connection: {e}"),
-                }
-            }
+        Reader::start(publisher, "publisher", (), move |_, f| {
+            let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+            let id = v["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("reply without id: {v}"));
+            let ok = v["op"] == "ok";
+            assert!(
+                ok || v["error"].as_str().unwrap().contains("redis unavailable"),
+                "{v}"
+            );
+            replies.lock().unwrap().insert(id, ok);
         })
     };
-    let mut sent: Vec<Instant> = Vec::new();
-    let mut publish_for = |d: Duration, sent: &mut Vec<Instant>| {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            let n = sent.len() as u64;
-            sent.push(Instant::now());
-            writer.send_text(&format!(
-                r#"{{"op":"publish","channel":"load","data":"{n}","id":{n}}}"#
-            ));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    // Numbers in the order sent; the phase each was sent in is what the checks rely on.
+    let mut sent: usize = 0;
+    let mut publish_one = |sent: &mut usize| {
+        let n = *sent;
+        *sent += 1;
+        writer.send_text(&format!(
+            r#"{{"op":"publish","channel":"load","data":"{n}","id":{n}}}"#
+        ));
+        std::thread::sleep(Duration::from_millis(5));
     };
 
-    publish_for(Duration::from_millis(1500), &mut sent);
-    let killed_at = Instant::now();
+    let before = 0..{
+        for _ in 0..PHASE_MESSAGES {
+            publish_one(&mut sent);
+        }
+        sent
+    };
     redis.kill();
-    publish_for(SEC, &mut sent);
-    redis.restart();
-    let back_at = Instant::now();
-    // Keep publishing while both nodes recover; measure when each is ready again.
-    let mut ready: [Option<Duration>; 2] = [None, None];
-    while ready.iter().any(Option::is_none) && back_at.elapsed() < 5 * SEC {
-        publish_for(Duration::from_millis(20), &mut sent);
-        for (i, n) in [&n1, &n2].into_iter().enumerate() {
-            if ready[i].is_none() && matches!(http_get(n.addr, "/readyz"), Ok((200, _))) {
-                ready[i] = Some(back_at.elapsed());
-            }
+    // Traffic while Redis is down (at least one publish, however slow the machine).
+    let down_until = Instant::now() + SEC;
+    loop {
+        publish_one(&mut sent);
+        if Instant::now() >= down_until {
+            break;
         }
     }
-    for (i, r) in ready.iter().enumerate() {
-        let r =
-            r.unwrap_or_else(|| panic!("node {} not ready within 5 s of Redis restarting", i + 1));
+    redis.restart();
+    // Keep publishing while both nodes recover; each must get ready without client action.
+    let back = Instant::now();
+    let mut ready = [false, false];
+    while ready.contains(&false) {
         assert!(
-            r <= 2 * SEC,
-            "node {} ready {r:?} after Redis came back; want <= 2 s",
-            i + 1
+            back.elapsed() < PATIENCE,
+            "nodes ready after Redis came back: {ready:?}"
         );
+        publish_one(&mut sent);
+        for (i, n) in [&n1, &n2].into_iter().enumerate() {
+            ready[i] = ready[i] || matches!(http_get(n.addr, "/readyz"), Ok((200, _)));
+        }
     }
-    let all_ready = Instant::now();
-    publish_for(Duration::from_millis(1500), &mut sent);
-    // Every publish must have been answered (ok or error) within the 5 s reply timeout.
-    let deadline = Instant::now() + 6 * SEC;
-    while replies.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
+    // Ready means every link is up; the re-SUBSCRIBE may still be on its way: count from when
+    // Redis has both.
+    while redis.numsub("load") != 2 {
+        assert!(back.elapsed() < 2 * PATIENCE, "nodes never re-subscribed");
+        publish_one(&mut sent);
+    }
+    let after = sent..{
+        for _ in 0..PHASE_MESSAGES {
+            publish_one(&mut sent);
+        }
+        sent
+    };
+    // Every publish is answered (ok or error) within the node's 5 s reply timeout.
+    let deadline = Instant::now() + PATIENCE;
+    while replies.lock().unwrap().len() < sent && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
-    let got = [s1.join().unwrap(), s2.join().unwrap()];
     let replies = replies.lock().unwrap().clone();
-    assert_eq!(
-        replies.len(),
-        sent.len(),
-        "some publishes were never answered"
+    assert_eq!(replies.len(), sent, "some publishes were never answered");
+    // The last message was acknowledged after recovery; once both subscribers have it, every
+    // earlier delivery (same publisher, same channel: in order) has arrived too.
+    let last = sent as u64 - 1;
+    assert!(
+        replies[&last],
+        "the last publish, after recovery, was refused"
     );
+    let deadline = Instant::now() + PATIENCE;
+    while got.iter().any(|g| !g.lock().unwrap().contains(&last)) {
+        assert!(
+            Instant::now() < deadline,
+            "the last message never reached both nodes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader.stop();
+    s1.stop();
+    s2.stop();
 
-    let before: Vec<u64> = (0..sent.len() as u64)
-        .filter(|n| sent[*n as usize] < killed_at)
-        .collect();
-    let after: Vec<u64> = (0..sent.len() as u64)
-        .filter(|n| sent[*n as usize] > all_ready + Duration::from_millis(200))
-        .collect();
-    let errors = replies.values().filter(|(ok, _)| !ok).count();
+    let errors = replies.values().filter(|ok| !**ok).count();
     assert!(
         errors > 0,
         "publishes while Redis was down must get error replies"
     );
     for (i, got) in got.iter().enumerate() {
-        let numbers: Vec<u64> = got.iter().map(|(n, _)| *n).collect();
+        let numbers = got.lock().unwrap().clone();
         let unique: BTreeSet<u64> = numbers.iter().copied().collect();
         assert_eq!(
             unique.len(),
@@ -167,23 +174,25 @@ fn redis_restart_under_load_loses_nothing_acknowledged_and_duplicates_nothing() 
         );
         for n in unique.iter() {
             assert!(
-                replies[n].0,
+                replies[n],
                 "node {} delivered {n}, which was refused",
                 i + 1
             );
         }
-        let b = before.iter().filter(|n| unique.contains(n)).count();
-        let a = after.iter().filter(|n| unique.contains(n)).count();
+        let b = before
+            .clone()
+            .filter(|n| unique.contains(&(*n as u64)))
+            .count();
+        let a = after
+            .clone()
+            .filter(|n| unique.contains(&(*n as u64)))
+            .count();
         eprintln!(
             "node {}: {} delivered ({b} of {} before the kill, {a} of {} after recovery), {errors} refused",
             i + 1,
             numbers.len(),
             before.len(),
             after.len()
-        );
-        assert!(
-            before.len() > 100 && after.len() > 100,
-            "too little traffic to judge"
         );
         assert_eq!(
             b,
@@ -259,20 +268,16 @@ impl Drop for FakeRedis {
     }
 }
 
-/// Reads and discards everything for up to 15 s, never answering.
+/// Reads and discards everything, never answering, until the node closes the connection.
 fn silent(mut s: std::net::TcpStream) {
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     let start = Instant::now();
     let mut buf = [0u8; 4096];
-    while start.elapsed() < 15 * SEC {
+    while start.elapsed() < 3 * PATIENCE {
         match s.read(&mut buf) {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if timed_out(&e) => {}
             Err(_) => return,
         }
     }
@@ -280,7 +285,7 @@ fn silent(mut s: std::net::TcpStream) {
 
 /// Answers the first command with a valid reply, then sends bytes that are not RESP.
 fn garbage(mut s: std::net::TcpStream) {
-    let _ = s.set_read_timeout(Some(2 * SEC));
+    let _ = s.set_read_timeout(Some(PATIENCE));
     let mut buf = [0u8; 4096];
     if !matches!(s.read(&mut buf), Ok(n) if n > 0) {
         return;
@@ -293,25 +298,27 @@ fn garbage(mut s: std::net::TcpStream) {
 }
 
 /// What a node without a working Redis must still do: answer HTTP, upgrade, reply to JSON
-/// commands (publish with an error), answer pings.
-fn still_serves(server: &Server) {
+/// commands, answer pings. A publish gets an error naming one of `reasons`: each names an event
+/// (the link is not up, so "not published"; Redis' answer made no sense), never the 5 s reply
+/// timeout, so the node answered because of what happened, not after waiting for a Redis that
+/// will not answer.
+fn still_serves(server: &Server, reasons: &[&str]) {
     assert_eq!(server.get("/healthz").0, 200);
     let mut json = server.ws_json("/ws");
     json.send_text(r#"{"op":"subscribe","channel":"c","id":1}"#);
-    assert_eq!(json.recv_text(2 * SEC), r#"{"op":"ok","id":1}"#);
-    let t = Instant::now();
+    assert_eq!(json.next_text("subscribe reply"), r#"{"op":"ok","id":1}"#);
     json.send_text(r#"{"op":"publish","channel":"c","data":1,"id":2}"#);
-    let reply = json.recv_text(2 * SEC);
-    assert!(t.elapsed() < SEC, "publish reply took {:?}", t.elapsed());
+    let reply = json.next_text("publish reply");
     assert!(
         reply.contains(r#""op":"error""#)
             && reply.contains("redis unavailable")
+            && reasons.iter().any(|r| reply.contains(r))
             && reply.contains(r#""id":2"#),
-        "{reply}"
+        "{reply}: expected an error naming one of {reasons:?}"
     );
     json.send(PING, b"p").unwrap();
     assert_eq!(
-        json.recv_frame(2 * SEC).unwrap(),
+        json.recv_frame(PATIENCE).unwrap(),
         Frame {
             fin: true,
             opcode: PONG,
@@ -320,12 +327,18 @@ fn still_serves(server: &Server) {
     );
 }
 
+/// The link to a Redis that never answers is never up: publishes are refused, not sent.
+const SILENT_REASONS: &[&str] = &["not published"];
+
+/// A "Redis" that accepts but never answers: one connection per reactor, /readyz stays 503
+/// naming redis, clients are served (publishes refused at once), and after the unanswered
+/// handshake times out the node connects again.
 #[test]
 fn redis_that_never_answers_leaves_the_node_serving_and_not_ready() {
     let fake = FakeRedis::start(silent);
     let mut server = Server::start(&["--threads", "2", "--redis", &fake.url()]);
     let start = Instant::now();
-    while fake.accepted() < 2 && start.elapsed() < 5 * SEC {
+    while fake.accepted() < 2 && start.elapsed() < PATIENCE {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(fake.accepted(), 2, "one link per reactor");
@@ -333,11 +346,11 @@ fn redis_that_never_answers_leaves_the_node_serving_and_not_ready() {
         let (status, body) = server.get("/readyz");
         assert_eq!(status, 503, "ready without a Redis handshake: {body}");
         assert!(body.contains("redis"), "{body}");
-        still_serves(&server);
+        still_serves(&server, SILENT_REASONS);
     }
     assert_eq!(server.metrics().get("fanout_redis_links_up"), 0.0);
     // The unanswered HELLO times out after 5 s: the node must then try again.
-    let deadline = Instant::now() + 10 * SEC;
+    let deadline = Instant::now() + 5 * SEC + PATIENCE;
     while fake.accepted() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -346,9 +359,11 @@ fn redis_that_never_answers_leaves_the_node_serving_and_not_ready() {
         "no reconnect after the unanswered handshake"
     );
     assert!(server.alive());
-    still_serves(&server);
+    still_serves(&server, SILENT_REASONS);
 }
 
+/// A "Redis" that answers with bytes that are not RESP: the node logs it, drops the link and
+/// reconnects again and again (6 attempts awaited), keeps serving clients, and does not crash.
 #[test]
 fn redis_sending_garbage_makes_the_node_reconnect_not_crash() {
     let fake = FakeRedis::start(garbage);
@@ -360,18 +375,21 @@ fn redis_sending_garbage_makes_the_node_reconnect_not_crash() {
         "--log-level",
         "info",
     ]);
+    // Each of the 2 reactors reconnects again and again after each bad answer: wait for
+    // 6 attempts, serving clients all along; only a node that gave up never gets there.
     let start = Instant::now();
-    for _ in 0..10 {
-        still_serves(&server);
+    while fake.accepted() < 6 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "only {} connection attempts in {:?}",
+            fake.accepted(),
+            start.elapsed()
+        );
+        // The fake answers the first command, so a publish may go out before the garbage
+        // comes: then it is lost with the garbage named as the reason.
+        still_serves(&server, &["not published", "unparseable"]);
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Backoff is capped at 0.8 s: in ~3 s each of the 2 reactors reconnects several times.
-    let n = fake.accepted();
-    assert!(
-        n >= 6,
-        "only {n} connection attempts in {:?}",
-        start.elapsed()
-    );
     assert!(server.alive(), "node died; log:\n{}", server.log());
     let log = server.log();
     assert!(log.contains("unparseable"), "the garbage is logged:\n{log}");

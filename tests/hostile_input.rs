@@ -8,125 +8,23 @@ mod ops_support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
 
 use ops_support::*;
 
-const SEC: Duration = Duration::from_secs(1);
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// A response as the client saw it.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
+/// Sends `request` and reads the whole response (the server closes after it).
+fn send_raw(addr: SocketAddr, request: &[u8]) -> HttpReply {
+    exchange(addr, request).unwrap_or_else(|e| {
+        panic!(
+            "reading the response to {:?}: {e}",
+            String::from_utf8_lossy(&request[..request.len().min(80)])
+        )
+    })
 }
 
-/// Sends `request` (write errors are ignored: the server may answer and close before it has
-/// read everything) and reads the response until the server closes.
-fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(10 * SEC)).unwrap();
-    let _ = s.write_all(request);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16384];
-    let deadline = std::time::Instant::now() + 10 * SEC;
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no end of the response"
-        );
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            // EINTR after the test process was stopped and continued: nothing was read.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // A reset after the response arrived still leaves the response.
-            Err(e) if !buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!(
-                "reading the response to {:?}: {e}",
-                String::from_utf8_lossy(&request[..request.len().min(80)])
-            ),
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    Reply {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
-}
-
-/// An upgrade request for `path` with the standard headers, minus `drop` and plus `extra`.
-fn upgrade_request(path: &str, drop: &[&str], extra: &str) -> Vec<u8> {
-    let headers = [
-        ("Host", "test"),
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", KEY),
-        ("Sec-WebSocket-Version", "13"),
-    ];
-    let mut req = format!("GET {path} HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if !drop.contains(&name) {
-            req.push_str(&format!("{name}: {value}\r\n"));
-        }
-    }
-    req.push_str(extra);
-    req.push_str("\r\n");
-    req.into_bytes()
-}
-
-/// A node and one WebSocket that must survive everything thrown at the node.
-struct Fixture {
-    server: Server,
-    witness: Ws,
-    checks: usize,
-}
-
-impl Fixture {
-    fn start(args: &[&str]) -> Fixture {
-        let mut all = vec!["--threads", "1"];
-        all.extend_from_slice(args);
-        let server = Server::start(&all);
-        let witness = server.ws("/ws?channel=witness");
-        Fixture {
-            server,
-            witness,
-            checks: 0,
-        }
-    }
-
-    fn still_serving(&mut self, after: &str) {
-        self.checks += 1;
-        let (status, body) = self.server.get("/healthz");
-        assert_eq!(
-            (status, body.as_str()),
-            (200, "ok\n"),
-            "/healthz after {after}"
-        );
-        let text = format!("alive after {after} #{}", self.checks);
-        self.witness.send_text(&text);
-        let got = self
-            .witness
-            .recv(5 * SEC)
-            .unwrap_or_else(|e| panic!("witness after {after}: {e}"));
-        assert_eq!(
-            (got.opcode, got.text()),
-            (TEXT, text),
-            "witness after {after}"
-        );
-    }
-
+// The check every hostile request here gets, on top of the shared witness.
+impl Witnessed {
     /// Sends `request`, expects `status` and a body containing `phrase`.
-    fn expect(&mut self, name: &str, request: &[u8], status: u16, phrase: &str) -> Reply {
+    fn expect(&mut self, name: &str, request: &[u8], status: u16, phrase: &str) -> HttpReply {
         let reply = send_raw(self.server.addr, request);
         assert_eq!(reply.status, status, "{name}: {reply:?}");
         assert!(
@@ -146,7 +44,7 @@ impl Fixture {
 
 #[test]
 fn truncated_and_oversized_requests() {
-    let mut f = Fixture::start(&[]);
+    let mut f = Witnessed::start(&[]);
     // Half a request, then the client goes away: dropped without an answer, nothing breaks.
     for partial in [
         &b"GET /ws?channel=x HTTP/1.1\r\nHost: t\r\nUpgr"[..],
@@ -156,7 +54,7 @@ fn truncated_and_oversized_requests() {
         let mut s = TcpStream::connect(f.server.addr).unwrap();
         s.write_all(partial).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
-        s.set_read_timeout(Some(5 * SEC)).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
         assert!(
@@ -213,7 +111,7 @@ fn truncated_and_oversized_requests() {
 
 #[test]
 fn bad_upgrades_get_the_documented_status() {
-    let mut f = Fixture::start(&[]);
+    let mut f = Witnessed::start(&[]);
     let ws = "/ws?channel=c";
     f.expect(
         "missing Sec-WebSocket-Key",
@@ -245,30 +143,19 @@ fn bad_upgrades_get_the_documented_status() {
             reply.head
         );
     }
-    f.expect(
-        "missing Upgrade header",
-        &upgrade_request(ws, &["Upgrade"], ""),
-        400,
-        "Upgrade",
-    );
-    f.expect(
-        "Upgrade: h2c",
-        &upgrade_request(ws, &["Upgrade"], "Upgrade: h2c\r\n"),
-        400,
-        "Upgrade",
-    );
-    f.expect(
-        "missing Connection header",
-        &upgrade_request(ws, &["Connection"], ""),
-        400,
-        "Connection",
-    );
-    f.expect(
-        "Connection without the upgrade token",
-        &upgrade_request(ws, &["Connection"], "Connection: keep-alive\r\n"),
-        400,
-        "Connection",
-    );
+    for (name, drop, extra, phrase) in [
+        ("missing Upgrade header", "Upgrade", "", "Upgrade"),
+        ("Upgrade: h2c", "Upgrade", "Upgrade: h2c\r\n", "Upgrade"),
+        ("missing Connection header", "Connection", "", "Connection"),
+        (
+            "Connection without the upgrade token",
+            "Connection",
+            "Connection: keep-alive\r\n",
+            "Connection",
+        ),
+    ] {
+        f.expect(name, &upgrade_request(ws, &[drop], extra), 400, phrase);
+    }
     let reply = f.expect(
         "plain GET /ws",
         b"GET /ws HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -345,18 +232,18 @@ fn bad_upgrades_get_the_documented_status() {
 
 #[test]
 fn channel_names_of_128_bytes_are_accepted_and_129_refused() {
-    let mut f = Fixture::start(&[]);
+    let mut f = Witnessed::start(&[]);
     let longest = "L".repeat(128);
     let mut a = f.server.ws(&format!("/ws?channel={longest}"));
     let mut b = f.server.ws_json("/ws");
     b.send_text(&format!(
         r#"{{"op":"subscribe","channel":"{longest}","id":1}}"#
     ));
-    assert_eq!(b.recv_text(5 * SEC), r#"{"op":"ok","id":1}"#);
+    assert_eq!(b.recv_text(PATIENCE), r#"{"op":"ok","id":1}"#);
     a.send_text("max");
-    assert_eq!(a.recv_text(5 * SEC), "max");
+    assert_eq!(a.recv_text(PATIENCE), "max");
     assert_eq!(
-        b.recv_text(5 * SEC),
+        b.recv_text(PATIENCE),
         format!(r#"{{"op":"message","channel":"{longest}","data":"max"}}"#)
     );
     let too_long = "L".repeat(129);
@@ -369,7 +256,7 @@ fn channel_names_of_128_bytes_are_accepted_and_129_refused() {
     b.send_text(&format!(
         r#"{{"op":"subscribe","channel":"{too_long}","id":2}}"#
     ));
-    let reply = b.recv_text(5 * SEC);
+    let reply = b.recv_text(PATIENCE);
     assert!(
         reply.starts_with(r#"{"op":"error","id":2,"error":"channel name is 129 bytes"#),
         "{reply}"
@@ -377,13 +264,13 @@ fn channel_names_of_128_bytes_are_accepted_and_129_refused() {
     b.send_text(&format!(
         r#"{{"op":"publish","channel":"{too_long}","data":1,"id":3}}"#
     ));
-    assert!(b.recv_text(5 * SEC).starts_with(r#"{"op":"error","id":3"#));
+    assert!(b.recv_text(PATIENCE).starts_with(r#"{"op":"error","id":3"#));
     f.still_serving("129-byte channel names");
 }
 
 #[test]
 fn allowed_origins_are_enforced() {
-    let mut f = Fixture::start(&[
+    let mut f = Witnessed::start(&[
         "--allowed-origins",
         "https://chat.example, http://localhost:8080",
     ]);
@@ -407,7 +294,7 @@ fn allowed_origins_are_enforced() {
         "http://localhost:8080",
     ] {
         let mut s = TcpStream::connect(f.server.addr).unwrap();
-        s.set_read_timeout(Some(5 * SEC)).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
         s.write_all(&upgrade_request(
             "/ws?channel=origin",
             &[],
@@ -418,7 +305,7 @@ fn allowed_origins_are_enforced() {
         assert!(head.starts_with("HTTP/1.1 101 "), "Origin {origin}: {head}");
         let mut ws = Ws::from_stream(s);
         ws.send_text(origin);
-        assert_eq!(ws.recv_text(5 * SEC), origin);
+        assert_eq!(ws.recv_text(PATIENCE), origin);
     }
     // The witness connected without an Origin header: non-browser clients send none, and the
     // check only guards against other sites' pages.
@@ -428,7 +315,7 @@ fn allowed_origins_are_enforced() {
 
 #[test]
 fn message_rate_limit_closes_with_1008() {
-    let mut f = Fixture::start(&["--max-message-rate", "5"]);
+    let mut f = Witnessed::start(&["--max-message-rate", "5"]);
     let mut flooder = f.server.ws("/ws?channel=rate");
     let mut listener = f.server.ws("/ws?channel=rate");
     // Twenty messages in one write: parsed in the same instant, so exactly the burst of 5 passes.
@@ -438,24 +325,24 @@ fn message_rate_limit_closes_with_1008() {
     }
     flooder.stream.write_all(&burst).unwrap();
     for i in 0..5 {
-        assert_eq!(listener.recv_text(5 * SEC), format!("m{i}"));
-        assert_eq!(flooder.recv_text(5 * SEC), format!("m{i}"));
+        assert_eq!(listener.recv_text(PATIENCE), format!("m{i}"));
+        assert_eq!(flooder.recv_text(PATIENCE), format!("m{i}"));
     }
-    let (code, reason) = flooder.recv_close(5 * SEC).expect("close for the flood");
+    let (code, reason) = flooder.recv_close(PATIENCE).expect("close for the flood");
     assert_eq!(code, 1008);
     assert!(reason.starts_with("rate limit"), "reason {reason:?}");
-    assert!(flooder.wait_eof(5 * SEC));
+    assert!(flooder.wait_eof(PATIENCE));
     // Nothing past the burst was published: the listener's next message is a later one.
     let mut other = f.server.ws("/ws?channel=rate");
     other.send_text("after");
-    assert_eq!(listener.recv_text(5 * SEC), "after");
+    assert_eq!(listener.recv_text(PATIENCE), "after");
     assert_eq!(f.server.metrics().closed("rate_limit"), 1.0);
     f.still_serving("rate limit");
 }
 
 #[test]
 fn no_client_can_address_another_channel_or_client() {
-    let f = Fixture::start(&[]);
+    let f = Witnessed::start(&[]);
     let mut in_a = f.server.ws("/ws?channel=a");
     let mut in_b = f.server.ws("/ws?channel=b");
     let mut json_b = f.server.ws_json("/ws?channel=b");
@@ -469,29 +356,29 @@ fn no_client_can_address_another_channel_or_client() {
         r#"{"op":"publish","channel":"a","data":"for a","to":"b","userId":"x","channels":["b"],"id":1}"#,
     );
     assert_eq!(
-        json.recv_text(5 * SEC),
+        json.recv_text(PATIENCE),
         r#"{"op":"message","channel":"a","data":"for a"}"#
     );
-    assert_eq!(json.recv_text(5 * SEC), r#"{"op":"ok","id":1}"#);
-    assert_eq!(in_a.recv_text(5 * SEC), "for a");
-    assert_eq!(sneaky.recv_text(5 * SEC), "for a");
+    assert_eq!(json.recv_text(PATIENCE), r#"{"op":"ok","id":1}"#);
+    assert_eq!(in_a.recv_text(PATIENCE), "for a");
+    assert_eq!(sneaky.recv_text(PATIENCE), "for a");
     // Raw text shaped like a command, from the sneaky client: still only channel a.
     sneaky.send_text(r#"{"op":"publish","channel":"b","data":"leak"}"#);
     for ws in [&mut in_a, &mut sneaky] {
         assert_eq!(
-            ws.recv_text(5 * SEC),
+            ws.recv_text(PATIENCE),
             r#"{"op":"publish","channel":"b","data":"leak"}"#
         );
     }
     assert_eq!(
-        json.recv_text(5 * SEC),
+        json.recv_text(PATIENCE),
         r#"{"op":"message","channel":"a","data":{"op":"publish","channel":"b","data":"leak"}}"#
     );
     // One reactor: had anything above reached channel b, it would arrive before this marker.
     in_b.send_text("b marker");
-    assert_eq!(in_b.recv_text(5 * SEC), "b marker");
+    assert_eq!(in_b.recv_text(PATIENCE), "b marker");
     assert_eq!(
-        json_b.recv_text(5 * SEC),
+        json_b.recv_text(PATIENCE),
         r#"{"op":"message","channel":"b","data":"b marker"}"#
     );
     let m = f.server.metrics();

@@ -1,6 +1,9 @@
 //! Limits that protect a node: --max-connections (the next upgrade gets 503 and is counted),
 //! the handshake timeout for a client that sends half a request and stalls (slowloris), and the
-//! idle timeout for a WebSocket that goes silent (close 1001 "idle timeout", counted).
+//! idle timeout for a WebSocket that goes silent (close 1001 "idle timeout", counted) while one
+//! that pings or answers pings is kept. Timeouts are checked by order (never before the timeout,
+//! and a client kept alive outlives a silent one connected after it), not by how soon after the
+//! timeout the server acts, which depends on the machine's load.
 
 mod ops_support;
 
@@ -10,14 +13,12 @@ use std::time::{Duration, Instant};
 
 use ops_support::*;
 
-const SEC: Duration = Duration::from_secs(1);
-
 #[test]
 fn max_connections_refuses_the_sixth_upgrade_with_503() {
     let server = Server::start(&["--threads", "2", "--max-connections", "5"]);
     let mut open: Vec<Ws> = (0..5).map(|_| server.ws("/ws?channel=c")).collect();
     let mut s = TcpStream::connect(server.addr).unwrap();
-    s.set_read_timeout(Some(5 * SEC)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
     let (status, head, _) = handshake(&mut s, "/ws?channel=c", None).unwrap();
     assert_eq!(status, 503, "sixth upgrade: {head}");
     // And the refused socket is closed by the server.
@@ -32,48 +33,34 @@ fn max_connections_refuses_the_sixth_upgrade_with_503() {
     assert_eq!(server.get("/healthz").0, 200);
     open[0].send_text("hi");
     for ws in open.iter_mut() {
-        assert_eq!(ws.recv_text(5 * SEC), "hi");
+        assert_eq!(ws.next_text("open client"), "hi");
     }
     // Freeing a slot admits the next client.
     let mut gone = open.pop().unwrap();
     gone.send_close(1000).unwrap();
-    gone.recv_close(5 * SEC).unwrap();
-    server.wait_metric("fanout_connections_open", 4.0, 5 * SEC);
+    gone.recv_close(PATIENCE).unwrap();
+    server.wait_metric("fanout_connections_open", 4.0, PATIENCE);
     let _again = server.ws("/ws?channel=c");
     let m = server.metrics();
     assert_eq!(m.get("fanout_connections_refused_total"), 1.0);
     assert_eq!(m.get("fanout_connections_open"), 5.0);
 }
 
+/// Slowloris: a client that sends half a request and stalls is dropped by the handshake timeout
+/// (0.5 s) without an answer, never before the timeout (measured from before its connect, so load
+/// can only make it later), and counted once; a client that completes its upgrade afterwards is
+/// not timed out even when it then stays quiet for longer than the handshake timeout.
 #[test]
 fn half_a_request_is_dropped_after_the_handshake_timeout() {
     let server = Server::start(&["--handshake-timeout", "0.5"]);
-    let mut slow = TcpStream::connect(server.addr).unwrap();
     let start = Instant::now();
+    let mut slow = TcpStream::connect(server.addr).unwrap();
     slow.write_all(b"GET /ws?channel=c HTTP/1.1\r\nHost: test\r\nUpgrade: websoc")
         .unwrap();
-    slow.set_read_timeout(Some(5 * SEC)).unwrap();
-    let mut buf = [0u8; 1024];
-    let ended = match slow.read(&mut buf) {
-        Ok(0) => true,
-        Ok(n) => panic!(
-            "server answered a half request: {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        ),
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    };
-    let took = start.elapsed();
-    assert!(ended, "stalled request still open after {took:?}");
+    let took = wait_dropped(&mut slow) - start;
     assert!(
         took >= Duration::from_millis(450),
         "dropped too early: {took:?}"
-    );
-    assert!(
-        took <= Duration::from_millis(1500),
-        "dropped too late: {took:?}"
     );
     let m = server.metrics();
     assert_eq!(m.get("fanout_handshake_timeouts_total"), 1.0);
@@ -82,40 +69,45 @@ fn half_a_request_is_dropped_after_the_handshake_timeout() {
     let mut ws = server.ws("/ws?channel=c");
     std::thread::sleep(SEC);
     ws.send_text("alive");
-    assert_eq!(ws.recv_text(5 * SEC), "alive");
+    assert_eq!(ws.next_text("upgraded client"), "alive");
     assert_eq!(server.metrics().get("fanout_handshake_timeouts_total"), 1.0);
 }
 
+/// Idle timeout of 2 s for this file's idle tests: 40 times the 50 ms between the pings of the
+/// clients that must be kept, so only a 2 s stall of the test process could make them look idle.
+const IDLE: &str = "2";
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Waits (up to PATIENCE beyond the timeout) for the idle close of a client that sends nothing.
+fn wait_idle_close(ws: &mut Ws, what: &str) {
+    let f = ws
+        .recv_frame(IDLE_TIMEOUT + PATIENCE)
+        .unwrap_or_else(|e| panic!("{what} was not closed: {e}"));
+    assert_eq!(
+        f.close_code(),
+        Some((1001, "idle timeout".into())),
+        "{what}: {f:?}"
+    );
+}
+
+/// A WebSocket that sends nothing is closed with 1001 "idle timeout", not before the idle
+/// timeout (measured from before it connected), and counted once; a client that connected
+/// earlier and keeps pinging is still open afterwards and still served. Order, not speed: the
+/// pinging client has been connected longer than the silent one when the latter is closed.
 #[test]
 fn silent_websocket_is_closed_by_the_idle_timeout() {
-    let server = Server::start(&["--idle-timeout", "0.6", "--ping-interval", "30"]);
-    let mut silent = server.ws("/ws?channel=quiet");
+    let server = Server::start(&["--idle-timeout", IDLE, "--ping-interval", "30"]);
     let mut chatty = server.ws("/ws?channel=busy");
+    let pinger = KeepAlive::start(&chatty, PING);
     let start = Instant::now();
-    // The chatty client keeps sending pings; the silent one sends nothing at all.
-    let mut closed_at = None;
-    while start.elapsed() < 3 * SEC {
-        chatty.send(PING, b"k").unwrap();
-        let pong = chatty.recv_frame(SEC).unwrap();
-        assert_eq!(pong.opcode, PONG);
-        if closed_at.is_none() {
-            match silent.recv_frame(Duration::from_millis(100)) {
-                Ok(f) => {
-                    assert_eq!(f.close_code(), Some((1001, "idle timeout".into())), "{f:?}");
-                    closed_at = Some(start.elapsed());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("silent client: {e}"),
-            }
-        } else {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let at = closed_at.expect("silent client was not closed");
+    let mut silent = server.ws("/ws?channel=quiet");
+    wait_idle_close(&mut silent, "silent client");
+    let at = start.elapsed();
     assert!(
-        at >= Duration::from_millis(550) && at <= Duration::from_millis(1600),
-        "closed after {at:?}"
+        at >= IDLE_TIMEOUT * 9 / 10,
+        "closed after {at:?}, before the idle timeout"
     );
+    drop(pinger);
     let m = server.metrics();
     assert_eq!(m.closed("idle_timeout"), 1.0);
     assert_eq!(
@@ -123,26 +115,47 @@ fn silent_websocket_is_closed_by_the_idle_timeout() {
         1.0,
         "the chatty client stays"
     );
+    // Everything the chatty client got so far is pongs; then its own message.
     chatty.send_text("still open");
-    assert_eq!(chatty.recv_text(SEC), "still open");
+    loop {
+        let f = chatty.recv_frame(PATIENCE).expect("chatty client served");
+        match f.opcode {
+            PONG => continue,
+            TEXT => {
+                assert_eq!(f.text(), "still open");
+                break;
+            }
+            _ => panic!("chatty client got {f:?}"),
+        }
+    }
 }
 
+/// The server pings a silent client after --ping-interval and closes it at --idle-timeout when
+/// no pong comes; a client that connected earlier and answers every ping is still open after
+/// the unanswering one (connected later) was closed, so pongs count as activity.
 #[test]
 fn unanswered_pings_lead_to_the_idle_timeout() {
-    // The server pings after 0.2 s of silence; a client that never answers is closed at 0.8 s.
-    let server = Server::start(&["--idle-timeout", "0.8", "--ping-interval", "0.2"]);
+    let server = Server::start(&["--idle-timeout", IDLE, "--ping-interval", "0.2"]);
+    // The answering client: a thread answers every ping until told to stop; any message fails.
+    let answering = Reader::start(
+        server.ws("/ws?channel=p"),
+        "answering client",
+        (),
+        |_, f| panic!("only pings expected, got {f:?}"),
+    );
     let mut ws = server.ws("/ws?channel=p");
-    let ping = ws.recv_frame(2 * SEC).unwrap();
+    let ping = ws.recv_frame(PATIENCE).unwrap();
     assert_eq!(ping.opcode, PING, "{ping:?}");
-    let close = ws.recv_frame(3 * SEC).unwrap();
-    assert_eq!(close.close_code(), Some((1001, "idle timeout".into())));
-    // A client that answers pings is kept: pongs count as activity.
-    let mut ok = server.ws("/ws?channel=p");
-    let start = Instant::now();
-    while start.elapsed() < 2 * SEC {
-        let f = ok.recv_frame(2 * SEC).unwrap();
-        assert_eq!(f.opcode, PING, "only pings expected, got {f:?}");
-        ok.send(PONG, &f.payload).unwrap();
-    }
-    assert_eq!(server.metrics().closed("idle_timeout"), 1.0);
+    wait_idle_close(&mut ws, "client that never answers pings");
+    let (mut ok, (), pings) = answering.stop();
+    assert!(pings >= 2, "the answering client got {pings} pings");
+    let m = server.metrics();
+    assert_eq!(m.closed("idle_timeout"), 1.0);
+    assert_eq!(
+        m.get("fanout_connections_open"),
+        1.0,
+        "the answering client stays"
+    );
+    ok.send_text("still open");
+    assert_eq!(ok.next_text("answering client"), "still open");
 }

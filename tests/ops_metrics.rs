@@ -1,15 +1,12 @@
 //! /metrics after known traffic: exact counts of connections, closes by reason, messages, bytes,
 //! deliveries, publishes, channels and HTTP statuses, summed over two reactors; the exposition
 //! parses strictly with HELP and TYPE lines; and with --redis, the link gauge, reconnects after a
-//! Redis restart and publishes dropped while Redis is down.
+//! Redis restart and publishes dropped while Redis is down. Counts, never durations: every wait
+//! gives up only after ops_support's PATIENCE.
 
 mod ops_support;
 
-use std::time::Duration;
-
 use ops_support::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 /// Every family the README promises; each must have HELP and TYPE (checked by the parser).
 const FAMILIES: [(&str, &str); 13] = [
@@ -28,6 +25,10 @@ const FAMILIES: [(&str, &str); 13] = [
     ("fanout_http_responses_total", "counter"),
 ];
 
+/// Exact counters and gauges after known traffic on two reactors, including one close of each
+/// reason and an idle timeout at the end; the client that must reach the idle timeout only at
+/// the end is kept active until then by unsolicited pongs, so the counts cannot depend on how
+/// long the steps before take.
 #[test]
 fn metrics_count_known_traffic_exactly() {
     let server = Server::start(&[
@@ -74,11 +75,14 @@ fn metrics_count_known_traffic_exactly() {
     }
     for ws in [&mut a, &mut b] {
         for text in ["aaaaa", "bbbbbb", "ccccccc"] {
-            assert_eq!(ws.recv_text(5 * SEC), text);
+            assert_eq!(ws.recv_text(PATIENCE), text);
         }
     }
     // JSON mode: C subscribes x1 and x2, publishes once to x1 and gets it back.
     let mut c = server.ws_json("/ws");
+    // C must not reach the idle timeout before the end, however long the steps below take on a
+    // busy machine: unsolicited pongs keep it active without adding to any counter.
+    let keep_c = KeepAlive::start(&c, PONG);
     let cmds = [
         r#"{"op":"subscribe","channel":"x1","id":1}"#,
         r#"{"op":"subscribe","channel":"x2","id":2}"#,
@@ -89,7 +93,7 @@ fn metrics_count_known_traffic_exactly() {
     }
     let mut got = Vec::new();
     for _ in 0..4 {
-        got.push(c.recv_text(5 * SEC));
+        got.push(c.recv_text(PATIENCE));
     }
     let oks = got.iter().filter(|t| t.contains(r#""op":"ok""#)).count();
     let msgs = got
@@ -128,7 +132,7 @@ fn metrics_count_known_traffic_exactly() {
     // Closes: A and B with a close frame, G by dropping its socket, D by breaking the protocol.
     for ws in [&mut a, &mut b] {
         ws.send_close(1000).unwrap();
-        let (code, _) = ws.recv_close(5 * SEC).unwrap();
+        let (code, _) = ws.recv_close(PATIENCE).unwrap();
         assert_eq!(code, 1000);
     }
     let g = server.ws("/ws?channel=g");
@@ -137,9 +141,9 @@ fn metrics_count_known_traffic_exactly() {
     // An unmasked client frame is a protocol error (RFC 6455 5.1).
     use std::io::Write as _;
     d.stream.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
-    assert_eq!(d.recv_close(5 * SEC).unwrap().0, 1002);
+    assert_eq!(d.recv_close(PATIENCE).unwrap().0, 1002);
     drop(d);
-    server.wait_metric("fanout_connections_open", 1.0, 5 * SEC);
+    server.wait_metric("fanout_connections_open", 1.0, PATIENCE);
 
     let m2 = server.metrics();
     assert_eq!(m2.get("fanout_connections_accepted_total"), 5.0);
@@ -160,11 +164,12 @@ fn metrics_count_known_traffic_exactly() {
         "close frames and bad frames are not messages"
     );
 
-    // C stays silent: the idle timeout closes it with 1001.
-    let (code, reason) = c.recv_close(10 * SEC).unwrap();
+    // C goes silent: the idle timeout closes it with 1001.
+    drop(keep_c);
+    let (code, reason) = c.recv_close(3 * SEC + PATIENCE).unwrap();
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
     drop(c);
-    server.wait_metric("fanout_connections_open", 0.0, 5 * SEC);
+    server.wait_metric("fanout_connections_open", 0.0, PATIENCE);
     let m3 = server.metrics();
     assert_eq!(m3.closed("idle_timeout"), 1.0);
     assert_eq!(m3.get("fanout_channels"), 0.0);
@@ -184,12 +189,16 @@ fn metrics_count_known_traffic_exactly() {
     );
 }
 
+/// With --redis: links_up follows Redis being killed and restarted, /readyz says 503 naming
+/// redis meanwhile, raw publishes while it is down are dropped and counted (and not replayed),
+/// each reactor reconnects exactly once, and the log has one line per link event, not per
+/// message. Recovery is awaited, never timed.
 #[test]
 fn redis_metrics_track_link_state_reconnects_and_drops() {
     let mut redis = Redis::start();
     let server = Server::start(&["--threads", "2", "--redis", &redis.url()]);
     assert!(
-        wait_status(server.addr, "/readyz", 200, 5 * SEC).is_some(),
+        wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
         "/readyz not 200 with Redis up"
     );
     let m = server.metrics();
@@ -211,18 +220,18 @@ fn redis_metrics_track_link_state_reconnects_and_drops() {
     let mut raw = server.ws("/ws?channel=r");
     let mut json = server.ws_json("/ws");
     raw.send_text("while up");
-    assert_eq!(raw.recv_text(5 * SEC), "while up");
+    assert_eq!(raw.recv_text(PATIENCE), "while up");
 
     redis.kill();
     let (status, body) = {
-        let took = wait_status(server.addr, "/readyz", 503, 5 * SEC);
+        let took = wait_status(server.addr, "/readyz", 503, PATIENCE);
         assert!(took.is_some(), "/readyz stayed 200 with Redis down");
         server.get("/readyz")
     };
     assert_eq!(status, 503);
     assert!(body.contains("redis"), "reason should name redis: {body:?}");
     assert_eq!(
-        server.wait_metric("fanout_redis_links_up", 0.0, 5 * SEC),
+        server.wait_metric("fanout_redis_links_up", 0.0, PATIENCE),
         0.0
     );
 
@@ -230,7 +239,7 @@ fn redis_metrics_track_link_state_reconnects_and_drops() {
         raw.send_text(&format!("dropped {i}"));
     }
     json.send_text(r#"{"op":"publish","channel":"r","data":"x","id":9}"#);
-    let reply = json.recv_text(5 * SEC);
+    let reply = json.recv_text(PATIENCE);
     assert!(
         reply.contains(r#""op":"error""#)
             && reply.contains("redis unavailable")
@@ -238,16 +247,14 @@ fn redis_metrics_track_link_state_reconnects_and_drops() {
         "JSON publish with Redis down: {reply}"
     );
     assert_eq!(
-        server.wait_metric("fanout_publishes_dropped_total", 3.0, 5 * SEC),
+        server.wait_metric("fanout_publishes_dropped_total", 3.0, PATIENCE),
         3.0
     );
 
     redis.restart();
-    let took = wait_status(server.addr, "/readyz", 200, 5 * SEC).expect("/readyz back to 200");
-    assert!(
-        took <= 2 * SEC,
-        "ready {took:?} after Redis came back; want <= 2 s"
-    );
+    // Back to ready without any client action. How soon is not asserted (it depends on the
+    // machine): that each reactor reconnected exactly once is, below.
+    wait_status(server.addr, "/readyz", 200, PATIENCE).expect("/readyz back to 200");
     let m = server.metrics();
     assert_eq!(m.get("fanout_redis_links_up"), 2.0);
     assert_eq!(
@@ -258,7 +265,7 @@ fn redis_metrics_track_link_state_reconnects_and_drops() {
     assert_eq!(m.get("fanout_publishes_dropped_total"), 3.0);
     // The dropped messages were not delivered later, and traffic flows again.
     raw.send_text("after");
-    assert_eq!(raw.recv_text(5 * SEC), "after");
+    assert_eq!(raw.recv_text(PATIENCE), "after");
     // One log line per link event, not per message.
     let log = server.log();
     assert!(

@@ -1,10 +1,14 @@
 //! Property tests for fanout's wire codecs and parsers, run with the normal `cargo test`.
 //!
-//! Two kinds of property: round trips (a frame fanout encodes, masked as a client would, parses
-//! back to the same opcode, fin bit, mask and payload) and robustness (any byte sequence fed to
-//! a parser that faces the network gives an answer — a value, an error or "need more" — and
-//! never a panic). The coverage-guided fuzz targets in fuzz/ explore the same parsers deeper;
-//! these run in seconds on every test run.
+//! Two kinds of property: round trips against an independent codec (a masked client frame built
+//! by the test side's own encoder in tests/ops_support, written from RFC 6455 and sharing no
+//! code with src/ws, parses in fanout to the same opcode, fin bit, mask and payload; a frame
+//! fanout encodes parses with the test side's decoder to what was encoded) and robustness (any
+//! byte sequence fed to a parser that faces the network gives an answer — a value, an error or
+//! "need more" — and never a panic). The coverage-guided fuzz targets in fuzz/ explore the same
+//! parsers deeper; these run in seconds on every test run.
+
+mod ops_support;
 
 use bytes::BytesMut;
 use fanout::broker::redis::{classify_push, Push};
@@ -16,17 +20,32 @@ use proptest::prelude::*;
 use redis_protocol::resp3::decode::complete::decode_bytes_mut;
 use redis_protocol::resp3::types::BytesFrame;
 
-const ALL_OPCODES: [OpCode; 6] = [
-    OpCode::Continuation,
-    OpCode::Text,
-    OpCode::Binary,
-    OpCode::Close,
-    OpCode::Ping,
-    OpCode::Pong,
+/// Every opcode with its RFC 6455 number, written here rather than taken from fanout.
+const ALL_OPCODES: [(OpCode, u8); 6] = [
+    (OpCode::Continuation, ops_support::CONTINUATION),
+    (OpCode::Text, ops_support::TEXT),
+    (OpCode::Binary, ops_support::BINARY),
+    (OpCode::Close, ops_support::CLOSE),
+    (OpCode::Ping, ops_support::PING),
+    (OpCode::Pong, ops_support::PONG),
 ];
 
 fn opcode() -> impl Strategy<Value = OpCode> {
-    proptest::sample::select(&ALL_OPCODES[..])
+    proptest::sample::select(ALL_OPCODES.map(|(op, _)| op).to_vec())
+}
+
+/// The wire number of `opcode`.
+fn number(opcode: OpCode) -> u8 {
+    ALL_OPCODES.iter().find(|(op, _)| *op == opcode).unwrap().1
+}
+
+/// The first byte of a frame: FIN bit and opcode.
+fn first_byte(opcode: OpCode, fin: bool) -> u8 {
+    if fin {
+        ops_support::FIN | number(opcode)
+    } else {
+        number(opcode)
+    }
 }
 
 /// Payload lengths that cross every length-form boundary (7-bit, 16-bit, 64-bit) often.
@@ -38,17 +57,10 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// A client frame as a browser would send it: header, mask key, masked payload.
+/// A client frame as a browser would send it (header, mask key, masked payload), built by the
+/// test side's encoder.
 fn client_frame(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = Vec::new();
-    FrameHeader::write(&mut out, opcode, payload.len(), Some(mask));
-    if !fin {
-        out[0] &= 0x7F;
-    }
-    let at = out.len();
-    out.extend_from_slice(payload);
-    apply_mask(&mut out[at..], mask, 0);
-    out
+    ops_support::client_frame_with(first_byte(opcode, fin), payload, mask)
 }
 
 /// The JSON body of a server text frame.
@@ -102,6 +114,12 @@ proptest! {
     fn server_frames_round_trip(opcode in opcode(), payload in payload()) {
         prop_assume!(!opcode.is_control() || payload.len() <= 125);
         let wire = encode(opcode, &payload);
+        // The test side's decoder reads exactly this frame back, and nothing more.
+        let (frame, used) = ops_support::parse_frame(&wire).expect("a whole server frame");
+        prop_assert_eq!(used, wire.len());
+        prop_assert_eq!(frame.opcode, number(opcode));
+        prop_assert!(frame.fin);
+        prop_assert_eq!(&frame.payload, &payload);
         let header = FrameHeader::parse(&wire, false, u64::MAX >> 1).unwrap().unwrap();
         prop_assert_eq!(header.opcode, opcode);
         prop_assert!(header.fin);
@@ -118,11 +136,7 @@ proptest! {
         max in 0u64..70_000,
         fin in any::<bool>(),
     ) {
-        let mut wire = Vec::new();
-        FrameHeader::write(&mut wire, opcode, len, Some([1, 2, 3, 4]));
-        if !fin {
-            wire[0] &= 0x7F;
-        }
+        let wire = ops_support::client_frame_header(first_byte(opcode, fin), len as u64, [1, 2, 3, 4]);
         let result = FrameHeader::parse(&wire, true, max);
         let bad_control = opcode.is_control() && (!fin || len > 125);
         if bad_control || len as u64 > max {

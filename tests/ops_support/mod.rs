@@ -1,8 +1,27 @@
-//! Helpers shared by the operations (`ops_*`) and fault (`faults_*`) integration tests: spawn a
-//! real `fanout` process or `redis-server`, speak plain HTTP and WebSocket over raw sockets, and
-//! parse the Prometheus exposition strictly. Kept apart from tests/common so these tests can
-//! check bytes on the wire (half frames, resets, stalls) without depending on a client library.
+//! Helpers shared by every integration test that talks to a real `fanout` process or a real
+//! `redis-server` over loopback sockets, written once so every test speaks the protocol the same
+//! way: start and stop processes by PID ([`Server`], [`Redis`]), speak plain HTTP ([`exchange`],
+//! [`http_get`]) and WebSocket over raw sockets ([`Ws`], with the test side's own frame encoder
+//! and parser in `frames.rs`, independent of the server's codec), talk RESP to Redis
+//! ([`RedisConn`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
+//! a client library, so tests can put exact bytes on the wire (half frames, resets, stalls).
+//!
+//! Time: no helper asserts how fast anything is. [`PATIENCE`] is how long a helper waits for
+//! something that normally takes milliseconds before it gives up, long enough that only a
+//! stuck server (never a busy machine) reaches it.
 #![allow(dead_code)]
+
+mod frames;
+mod http;
+mod redis;
+
+// Not every test file uses every part; the helpers are still one shared set.
+#[allow(unused_imports)]
+pub use self::frames::*;
+#[allow(unused_imports)]
+pub use self::http::*;
+#[allow(unused_imports)]
+pub use self::redis::*;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -12,8 +31,17 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The server binary: `FANOUT_BIN` (tests/run points it at the release build), else the
-/// binary cargo built for this test run.
+/// One second, for timeouts and durations written as `5 * SEC`.
+pub const SEC: Duration = Duration::from_secs(1);
+
+/// How long to wait for anything that normally takes milliseconds (a reply, a delivery, a
+/// close, a metric catching up) before failing: generous, so a loaded 2-core CI machine never
+/// trips it, while a real hang still fails the test.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The server binary: `FANOUT_BIN` when set (tests/run's `cargo-test` step points it at the
+/// release build, `cargo-test-debug` at the debug one), else the binary cargo built for this test
+/// run: the debug build under a plain `cargo test`, so overflow checks and debug assertions run.
 pub fn fanout_bin() -> PathBuf {
     match std::env::var("FANOUT_BIN") {
         Ok(p) if !p.is_empty() => PathBuf::from(p),
@@ -42,7 +70,7 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// Runs the fanout binary with `args` (and `env`), expecting it to stop by itself within 10 s
+/// Runs the fanout binary with `args` (and `env`), expecting it to stop by itself (within [`PATIENCE`])
 /// (bad configuration, `--help`); returns (exit code, stdout, stderr).
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut child = Command::new(fanout_bin())
@@ -53,7 +81,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String,
         .stderr(Stdio::piped())
         .spawn()
         .expect("start fanout");
-    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let status = wait_exit(&mut child, PATIENCE);
     if status.is_none() {
         let _ = child.kill();
     }
@@ -68,13 +96,33 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String,
 /// A WebSocket client with a 4 KiB receive buffer, for tests where it stops reading: its socket
 /// fills after a few frames, so the server's queue for it is what overflows.
 pub fn tiny_buffer_client(addr: SocketAddr, path: &str, protocol: Option<&str>) -> Ws {
+    client_with_recv_buffer(addr, path, protocol, 4096)
+}
+
+/// A WebSocket client whose socket receive buffer is set to `bytes` (SO_RCVBUF, capped by the
+/// kernel's net.core.rmem_max) before it connects.
+pub fn client_with_recv_buffer(
+    addr: SocketAddr,
+    path: &str,
+    protocol: Option<&str>,
+    bytes: usize,
+) -> Ws {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_recv_buffer_size(bytes).unwrap();
     sock.connect(&addr.into()).unwrap();
     let mut stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let (status, head, _) = handshake(&mut stream, path, protocol).unwrap();
     assert_eq!(status, 101, "{head}");
     Ws::from_stream(stream)
+}
+
+/// True for the error a read with a timeout returns when nothing came in time.
+pub fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A running fanout node; killed (by PID) when dropped.
@@ -85,6 +133,8 @@ pub struct Server {
     pub log: Arc<Mutex<String>>,
     /// /metrics scrapes made through [`Server::metrics`] (each is one more HTTP 200).
     pub scrapes: std::sync::atomic::AtomicU64,
+    /// The thread copying stderr into `log`; it ends when the process is gone.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -101,7 +151,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr piped");
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut log = sink.lock().unwrap();
@@ -119,7 +169,7 @@ impl Server {
             // Keep draining so the node never blocks on a full stdout pipe.
             for _ in lines {}
         });
-        let line = match rx.recv_timeout(Duration::from_secs(10)) {
+        let line = match rx.recv_timeout(PATIENCE) {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
@@ -139,6 +189,7 @@ impl Server {
             addr,
             log,
             scrapes: Default::default(),
+            log_reader: Some(log_reader),
         }
     }
 
@@ -160,6 +211,18 @@ impl Server {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the node's stderr contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -198,11 +261,31 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Kills the node (by PID) and fails the test if any of its threads panicked, even where
+    /// the test's own checks did not notice (a reactor that died serving nobody in particular).
+    /// That is what makes a run against the debug build catch overflows and debug assertions.
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        // The process is gone, so its stderr ends: let the reader copy the last lines.
+        if let Some(reader) = self.log_reader.take() {
+            let deadline = Instant::now() + PATIENCE;
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let log = self.log();
+        if let Some(at) = log.find("panicked at") {
+            let panic = &log[log[..at].rfind('\n').map_or(0, |i| i + 1)..];
+            let panic: String = panic.lines().take(3).collect::<Vec<_>>().join("\n");
+            if std::thread::panicking() {
+                eprintln!("the fanout node had panicked too: {panic}");
+            } else {
+                panic!("the fanout node panicked: {panic}\nlog:\n{log}");
+            }
+        }
     }
 }
 
@@ -215,297 +298,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A throwaway redis-server on a loopback port; killed (by PID) when dropped.
-pub struct Redis {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        Redis::start_on(free_port())
-    }
-
-    pub fn start_on(port: u16) -> Redis {
-        let mut r = Redis { port, child: None };
-        r.restart();
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it answers PING.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "redis already running");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &self.port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (tests/setup installs it)");
-            let up_by = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < up_by {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                if self.ping() {
-                    self.child = Some(child);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not come up on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Kills Redis hard (SIGKILL), as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-    }
-
-    /// Sends one command and returns the raw reply bytes.
-    pub fn command(&self, args: &[&str]) -> Vec<u8> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis connect");
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut cmd = format!("*{}\r\n", args.len());
-        for a in args {
-            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(cmd.as_bytes()).unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf).unwrap_or(0);
-        buf.truncate(n);
-        buf
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One HTTP/1.1 GET; returns status and body (the server closes after each response).
-pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    http_raw(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
-    )
-}
-
-/// Sends raw request bytes; reads the response to EOF and splits status and body.
-pub fn http_raw(addr: SocketAddr, request: &[u8]) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(request)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no status line in {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// Polls `path` until it answers `status`; returns how long it took, or None on timeout.
-pub fn wait_status(
-    addr: SocketAddr,
-    path: &str,
-    status: u16,
-    timeout: Duration,
-) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if matches!(http_get(addr, path), Ok((s, _)) if s == status) {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// A server-to-client WebSocket frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub fin: bool,
-    pub opcode: u8,
-    pub payload: Vec<u8>,
-}
-
-pub const TEXT: u8 = 1;
-pub const BINARY: u8 = 2;
-pub const CLOSE: u8 = 8;
-pub const PING: u8 = 9;
-pub const PONG: u8 = 10;
-
-impl Frame {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.payload).into_owned()
-    }
-
-    /// Code and reason of a close frame.
-    pub fn close_code(&self) -> Option<(u16, String)> {
-        if self.opcode != CLOSE || self.payload.len() < 2 {
-            return None;
-        }
-        Some((
-            u16::from_be_bytes([self.payload[0], self.payload[1]]),
-            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
-        ))
-    }
-}
-
-/// Encodes a masked client frame.
-pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    client_frame_with(0x80 | opcode, payload, [0x12, 0x34, 0x56, 0x78])
-}
-
-/// A client frame with full control of the first byte (FIN, RSV bits, opcode) and the mask.
-pub fn client_frame_with(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![b0];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len < 65536 {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
-/// Reads a response head byte by byte (so no WebSocket bytes after it are swallowed).
-pub fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            // EINTR after the test process was stopped and continued: nothing was read.
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => panic!("response head cut short: {other:?} after {head:?}"),
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// Parses one unmasked server frame from the front of `buf`: (frame, bytes used), or None.
-pub fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let fin = buf[0] & 0x80 != 0;
-    let opcode = buf[0] & 0x0f;
-    let (len, at) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (
-            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-            10,
-        ),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
-    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
-    if buf.len() < at + len {
-        return None;
-    }
-    Some((
-        Frame {
-            fin,
-            opcode,
-            payload: buf[at..at + len].to_vec(),
-        },
-        at + len,
-    ))
-}
-
-/// Writes the upgrade request for `path` and returns the response head's status and headers.
-pub fn handshake(
-    stream: &mut TcpStream,
-    path: &str,
-    protocol: Option<&str>,
-) -> io::Result<(u16, String, Vec<u8>)> {
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    if let Some(p) = protocol {
-        req.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    // Byte at a time so no frame bytes after the head are swallowed.
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) => {}
-            // EINTR after the test process was stopped and continued: nothing was read.
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        head.push(byte[0]);
-        if head.len() > 16384 {
-            return Err(io::Error::other("response head too long"));
-        }
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad response {text:?}")))?;
-    Ok((status, text, Vec::new()))
-}
-
 /// A minimal blocking WebSocket client over a raw socket.
 pub struct Ws {
     pub stream: TcpStream,
@@ -516,7 +308,7 @@ impl Ws {
     pub fn connect(addr: SocketAddr, path: &str, protocol: Option<&str>) -> io::Result<Ws> {
         let mut stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(PATIENCE))?;
         let (status, head, _) = handshake(&mut stream, path, protocol)?;
         if status != 101 {
             return Err(io::Error::other(format!("upgrade refused: {head}")));
@@ -563,14 +355,7 @@ impl Ws {
                 // A stop/continue of the test process (a loaded CI box, a cgroup freeze) makes a
                 // read with SO_RCVTIMEO fail with EINTR; nothing was consumed, so just retry.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(io::ErrorKind::TimedOut.into())
-                }
+                Err(e) if timed_out(&e) => return Err(io::ErrorKind::TimedOut.into()),
                 Err(e) => return Err(e),
             }
         }
@@ -593,6 +378,32 @@ impl Ws {
         let f = self.recv(timeout).expect("expected a message");
         assert_eq!(f.opcode, TEXT, "expected text, got {f:?}");
         f.text()
+    }
+
+    /// The next data or close frame, which must come: fails the test, naming `what`, after
+    /// [`PATIENCE`].
+    pub fn next(&mut self, what: &str) -> Frame {
+        self.recv(PATIENCE)
+            .unwrap_or_else(|e| panic!("{what}: expected a message: {e}"))
+    }
+
+    /// The next message as (opcode, payload).
+    pub fn next_data(&mut self, what: &str) -> (u8, Vec<u8>) {
+        let f = self.next(what);
+        (f.opcode, f.payload)
+    }
+
+    /// The next message, which must be UTF-8 text.
+    pub fn next_text(&mut self, what: &str) -> String {
+        let f = self.next(what);
+        assert_eq!(f.opcode, TEXT, "{what}: expected a text message, got {f:?}");
+        String::from_utf8(f.payload).unwrap_or_else(|e| panic!("{what}: not UTF-8: {e}"))
+    }
+
+    /// The next message, which must be a JSON text.
+    pub fn next_json(&mut self, what: &str) -> serde_json::Value {
+        let text = self.next_text(what);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text:?}"))
     }
 
     /// Reads until a close frame arrives; returns its code and reason.
@@ -619,15 +430,145 @@ impl Ws {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if timed_out(&e) => {}
                 Err(_) => return true,
             }
         }
         false
+    }
+}
+
+/// Keeps a WebSocket active: sends a control frame (PING, or an unsolicited PONG, which the
+/// server answers with nothing and counts nowhere) every 50 ms from its own thread, so nothing
+/// else the test waits for can delay it, until dropped.
+pub struct KeepAlive {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeepAlive {
+    pub fn start(ws: &Ws, opcode: u8) -> KeepAlive {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut writer = Ws::from_stream(ws.stream.try_clone().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if writer.send(opcode, b"k").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        KeepAlive {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads a WebSocket on its own thread until stopped, so a test can keep a client's input
+/// drained (or collect it) while its main thread does something else. It answers pings itself
+/// (counting them), passes every other frame to `on_frame` with the test's `state`, and fails
+/// the test naming `what` if the connection is lost.
+pub struct Reader<T> {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Ws, T, usize)>,
+}
+
+impl<T: Send + 'static> Reader<T> {
+    pub fn start(
+        mut ws: Ws,
+        what: &str,
+        mut state: T,
+        mut on_frame: impl FnMut(&mut T, Frame) + Send + 'static,
+    ) -> Reader<T> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let what = what.to_string();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut pings = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // A short wait, so a stop is noticed soon; nothing is timed here.
+                    match ws.recv_frame(Duration::from_millis(100)) {
+                        Ok(f) if f.opcode == PING => {
+                            ws.send(PONG, &f.payload)
+                                .unwrap_or_else(|e| panic!("{what}: answering a ping: {e}"));
+                            pings += 1;
+                        }
+                        Ok(f) => on_frame(&mut state, f),
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                        Err(e) => panic!("{what} lost its connection: {e}"),
+                    }
+                }
+                (ws, state, pings)
+            })
+        };
+        Reader { stop, thread }
+    }
+
+    /// Stops reading; returns the client, the state and how many pings were answered. A panic
+    /// of the reading thread (a failed check in `on_frame`) fails the test here.
+    pub fn stop(self) -> (Ws, T, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+/// A node with one reactor and one WebSocket (the witness, on channel `witness`) that must
+/// keep being served whatever other clients do to the node.
+pub struct Witnessed {
+    pub server: Server,
+    pub witness: Ws,
+    checks: usize,
+}
+
+impl Witnessed {
+    /// `fanout --threads 1 ARGS`: one reactor, so the witness shares it with every offender.
+    pub fn start(args: &[&str]) -> Witnessed {
+        let mut all = vec!["--threads", "1"];
+        all.extend_from_slice(args);
+        let server = Server::start(&all);
+        let witness = server.ws("/ws?channel=witness");
+        Witnessed {
+            server,
+            witness,
+            checks: 0,
+        }
+    }
+
+    /// /healthz still answers and the witness still publishes and receives its own message.
+    pub fn still_serving(&mut self, after: &str) {
+        self.checks += 1;
+        let (status, body) = self.server.get("/healthz");
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok\n"),
+            "/healthz after {after}"
+        );
+        let text = format!("alive after {after} #{}", self.checks);
+        self.witness.send_text(&text);
+        let got = self.witness.next(&format!("witness after {after}"));
+        assert_eq!(
+            (got.opcode, got.text()),
+            (TEXT, text),
+            "witness after {after}"
+        );
     }
 }
 
