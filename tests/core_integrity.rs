@@ -14,18 +14,7 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use ops_support::{client_frame, tiny_buffer_client, Server, CLOSE, PING, TEXT};
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
+use ops_support::{client_frame, rss_kib, tiny_buffer_client, Server, CLOSE, PING, SEC, TEXT};
 
 /// Writes `batch` again and again (never reading) until the server has closed the connection
 /// (the write fails) or `max_bytes` went out. Returns the bytes written.
@@ -176,6 +165,7 @@ fn the_rate_limit_counts_control_frames() {
 #[test]
 fn a_dead_reactor_ends_the_process() {
     let mut server = Server::start(&["--threads", "1", "--fault-panic-reactor", "0"]);
+    server.panic_expected = true;
     let _ = TcpStream::connect(server.addr).and_then(|mut s| {
         ops_support::handshake(&mut s, "/ws?channel=c", None).map(|_| ())
     });

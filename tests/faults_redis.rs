@@ -321,6 +321,7 @@ fn still_serves(server: &Server, reasons: &[&str]) {
         json.recv_frame(PATIENCE).unwrap(),
         Frame {
             fin: true,
+            rsv1: false,
             opcode: PONG,
             payload: b"p".to_vec()
         }

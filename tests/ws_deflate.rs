@@ -10,9 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use ops_support::{client_frame, client_frame_with, read_head, Server, Ws, TEXT};
-
-const SEC: Duration = Duration::from_secs(1);
+use ops_support::{client_frame, client_frame_with, read_head, Server, Ws, SEC, TEXT};
 
 /// Opens a raw-mode WebSocket on `path`, offering permessage-deflate when `offer` is set;
 /// returns the client and the response head.

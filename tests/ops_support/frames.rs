@@ -6,6 +6,8 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -80,6 +82,7 @@ pub fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
         return None;
     }
     let fin = buf[0] & 0x80 != 0;
+    let rsv1 = buf[0] & 0x40 != 0;
     let opcode = buf[0] & 0x0f;
     let (len, at) = match buf[1] & 0x7f {
         126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
@@ -97,6 +100,7 @@ pub fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
     Some((
         Frame {
             fin,
+            rsv1,
             opcode,
             payload: buf[at..at + len].to_vec(),
         },

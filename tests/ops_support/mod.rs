@@ -135,6 +135,8 @@ pub struct Server {
     pub scrapes: std::sync::atomic::AtomicU64,
     /// The thread copying stderr into `log`; it ends when the process is gone.
     log_reader: Option<std::thread::JoinHandle<()>>,
+    /// Set by a test that makes the node panic on purpose (fault injection).
+    pub panic_expected: bool,
 }
 
 impl Server {
@@ -190,6 +192,7 @@ impl Server {
             log,
             scrapes: Default::default(),
             log_reader: Some(log_reader),
+            panic_expected: false,
         }
     }
 
@@ -280,7 +283,7 @@ impl Drop for Server {
         if let Some(at) = log.find("panicked at") {
             let panic = &log[log[..at].rfind('\n').map_or(0, |i| i + 1)..];
             let panic: String = panic.lines().take(3).collect::<Vec<_>>().join("\n");
-            if std::thread::panicking() {
+            if std::thread::panicking() || self.panic_expected {
                 eprintln!("the fanout node had panicked too: {panic}");
             } else {
                 panic!("the fanout node panicked: {panic}\nlog:\n{log}");
@@ -772,4 +775,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
