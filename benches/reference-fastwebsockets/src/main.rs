@@ -195,7 +195,10 @@ async fn route(
         Err((status, why)) => return Ok(plain(status, why)),
     };
     if !upgrade::is_upgrade_request(&request) {
-        return Ok(plain(StatusCode::UPGRADE_REQUIRED, "websocket upgrade required"));
+        return Ok(plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket upgrade required",
+        ));
     }
     match upgrade::upgrade(&mut request) {
         Ok((response, upgraded)) => {
@@ -211,11 +214,7 @@ async fn route(
 }
 
 /// The writer half of one connection; the reader runs as a second task.
-async fn connection(
-    mut ws: fastwebsockets::WebSocket<Upgraded>,
-    channel: String,
-    topics: Topics,
-) {
+async fn connection(mut ws: fastwebsockets::WebSocket<Upgraded>, channel: String, topics: Topics) {
     // fastwebsockets refuses a frame of `max_message_size` bytes or more; fanout accepts
     // exactly 64 KiB, hence the +1. Pongs and close echoes stay automatic (the defaults).
     ws.set_max_message_size(MAX_MESSAGE + 1);
@@ -297,7 +296,11 @@ async fn read_loop(
             };
             let owed = owed.clone();
             // Only the error's existence matters: a gone writer means the connection is over.
-            async move { owed.send(reply).await.map_err(|_| WebSocketError::ConnectionClosed) }
+            async move {
+                owed.send(reply)
+                    .await
+                    .map_err(|_| WebSocketError::ConnectionClosed)
+            }
         };
         let frame = match read.read_frame(&mut send_fn).await {
             Ok(frame) => frame,
@@ -318,7 +321,9 @@ async fn read_loop(
         let (opcode, fin) = (frame.opcode, frame.fin);
         match opcode {
             OpCode::Text | OpCode::Binary if partial.is_some() => {
-                let _ = replies.send(close_reply(1002, "expected a continuation")).await;
+                let _ = replies
+                    .send(close_reply(1002, "expected a continuation"))
+                    .await;
                 return;
             }
             OpCode::Text | OpCode::Binary if fin => {
@@ -337,7 +342,9 @@ async fn read_loop(
             }
             OpCode::Continuation => {
                 let Some(mut message) = partial.take() else {
-                    let _ = replies.send(close_reply(1002, "unexpected continuation")).await;
+                    let _ = replies
+                        .send(close_reply(1002, "unexpected continuation"))
+                        .await;
                     return;
                 };
                 if message.data.len() + frame.payload.len() > MAX_MESSAGE {
