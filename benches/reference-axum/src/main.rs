@@ -208,14 +208,18 @@ async fn connection(socket: WebSocket, channel: String, topics: Topics) {
         }
     });
 
-    // Whichever half finishes first ends the connection, as in axum's chat example.
+    // Whichever half finishes first ends the connection, as in axum's chat example. The
+    // aborted one is awaited so that its topic receiver is gone before receivers are counted.
     tokio::select! {
-        _ = &mut send_task => recv_task.abort(),
-        _ = &mut recv_task => send_task.abort(),
+        _ = &mut send_task => {
+            recv_task.abort();
+            let _ = recv_task.await;
+        }
+        _ = &mut recv_task => {
+            send_task.abort();
+            let _ = send_task.await;
+        }
     }
-    // Wait for the aborted task so its receiver is dropped before counting receivers.
-    let _ = send_task.await;
-    let _ = recv_task.await;
     let mut topics = topics.lock().expect("topics lock");
     // If nobody else listens, forget the topic.
     if sender.receiver_count() == 0 {
