@@ -7,15 +7,24 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 
 # Dependency layer: build every dependency against stub sources, so that editing src/ does not
-# recompile the crates.io graph. The workspace manifest names the member benches/reference, the
-# bins fanout and fanout-load and the bench hot_paths; cargo refuses to build while a target the
-# manifest names has no source file, hence the stubs.
+# recompile the crates.io graph. The workspace manifest names the members benches/reference*
+# (the benchmark reference servers: cargo loads every member's manifest even to build one
+# binary, but compiles none of their dependencies here), the bins fanout and fanout-load and the
+# bench hot_paths; cargo refuses to build while a target the manifest names has no source file,
+# hence the stubs.
 COPY Cargo.toml Cargo.lock ./
 COPY benches/reference/Cargo.toml benches/reference/Cargo.toml
-RUN mkdir -p src/bin/fanout-load benches/reference/src \
+COPY benches/reference-fastwebsockets/Cargo.toml benches/reference-fastwebsockets/Cargo.toml
+COPY benches/reference-axum/Cargo.toml benches/reference-axum/Cargo.toml
+COPY benches/reference-actix/Cargo.toml benches/reference-actix/Cargo.toml
+RUN mkdir -p src/bin/fanout-load benches/reference/src benches/reference-fastwebsockets/src \
+    benches/reference-axum/src benches/reference-actix/src \
  && echo 'fn main() {}' > src/main.rs \
  && echo 'fn main() {}' > src/bin/fanout-load/main.rs \
  && echo 'fn main() {}' > benches/reference/src/main.rs \
+ && echo 'fn main() {}' > benches/reference-fastwebsockets/src/main.rs \
+ && echo 'fn main() {}' > benches/reference-axum/src/main.rs \
+ && echo 'fn main() {}' > benches/reference-actix/src/main.rs \
  && echo 'fn main() {}' > benches/hot_paths.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --bin fanout \
