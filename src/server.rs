@@ -165,7 +165,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Ok(signal) => {
                 let delay = shared.config.drain_delay;
                 log::info!("signal {signal}: draining; /readyz is 503; closing clients in {delay:?} over {:?}", shared.config.drain_time);
-                shared.draining.store(true, std::sync::atomic::Ordering::Release);
+                shared
+                    .draining
+                    .store(true, std::sync::atomic::Ordering::Release);
                 drain_at = Some(Instant::now() + delay);
             }
             Err(RecvTimeoutError::Timeout) => {}

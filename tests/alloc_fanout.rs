@@ -73,19 +73,29 @@ fn deliveries(node: &Node) -> u64 {
     node.shared.reactors[0].metrics.deliveries.get()
 }
 
-/// Connects and writes the upgrade request; the reactor (stepped by the test) answers it.
-fn connect(addr: SocketAddr, channel: &str) -> TcpStream {
+/// Connects and writes the upgrade request (with `extra` header lines); the reactor (stepped by
+/// the test) answers it.
+fn connect(addr: SocketAddr, channel: &str, extra: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&upgrade_request(&format!("/ws?channel={channel}"), &[], ""))
-        .unwrap();
+    s.write_all(&upgrade_request(
+        &format!("/ws?channel={channel}"),
+        &[],
+        extra,
+    ))
+    .unwrap();
     s
 }
 
 /// Opens `n` subscribers plus one publisher on channel `c`; waits until all are upgraded.
 fn subscribers(node: &mut Node, n: usize) -> (Vec<TcpStream>, TcpStream) {
+    subscribers_with(node, n, "")
+}
+
+/// [`subscribers`] whose subscribers send `extra` header lines in their upgrade.
+fn subscribers_with(node: &mut Node, n: usize, extra: &str) -> (Vec<TcpStream>, TcpStream) {
     let addr = node.local_addr;
-    let subs: Vec<TcpStream> = (0..n).map(|_| connect(addr, "c")).collect();
-    let publisher = connect(addr, "c");
+    let subs: Vec<TcpStream> = (0..n).map(|_| connect(addr, "c", extra)).collect();
+    let publisher = connect(addr, "c", "");
     pump(node, "upgrades", |node| {
         node.shared.reactors[0].metrics.accepted.get() == n as u64 + 1
     });
@@ -156,6 +166,41 @@ fn local_fanout_allocations_do_not_grow_with_subscribers() {
     assert!(
         one <= 8,
         "{one} allocations to deliver one message is more than expected"
+    );
+}
+
+/// With permessage-deflate negotiated by every subscriber, a broadcast is compressed once for
+/// all of them: the allocations per message stay what they are for one subscriber.
+fn steady_allocations_compressed(n: usize) -> u64 {
+    let mut node = node(&["--compression", "on"]);
+    let (mut subs, mut publisher) = subscribers_with(
+        &mut node,
+        n,
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    let message = "a chat line that compresses well, ".repeat(20);
+    steady_allocations(
+        &mut node,
+        &mut subs,
+        &mut publisher,
+        n,
+        "compressed delivery",
+        &mut |publisher| {
+            publisher
+                .write_all(&client_frame(TEXT, message.as_bytes()))
+                .unwrap()
+        },
+    )
+}
+
+#[test]
+fn compressed_fanout_allocations_do_not_grow_with_subscribers() {
+    let one = steady_allocations_compressed(1);
+    let thousand = steady_allocations_compressed(1000);
+    println!("allocations per compressed message: 1 subscriber {one}, 1000 subscribers {thousand}");
+    assert_eq!(
+        one, thousand,
+        "allocations per compressed message grow with subscribers"
     );
 }
 

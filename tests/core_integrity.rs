@@ -87,7 +87,11 @@ fn requests_after_the_one_that_closed_a_connection_do_not_run() {
             r#"{{"op":"publish","channel":"ghost","data":"leak {i}","id":{i}}}"#
         ));
         let reply = publisher.recv_text(10 * SEC);
-        assert_eq!(reply, format!(r#"{{"op":"ok","id":{i}}}"#), "the reactor answers");
+        assert_eq!(
+            reply,
+            format!(r#"{{"op":"ok","id":{i}}}"#),
+            "the reactor answers"
+        );
     }
     match newcomer.recv(SEC / 2) {
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
@@ -103,7 +107,11 @@ fn requests_after_the_one_that_closed_a_connection_do_not_run() {
 fn replies_and_pongs_count_against_the_queue_limit() {
     let server = Server::start(&["--threads", "1", "--max-queue", "65536"]);
     let floods: [(&str, Vec<u8>, Option<&str>); 3] = [
-        ("invalid JSON", client_frame(TEXT, b"{bad}"), Some("fanout.json")),
+        (
+            "invalid JSON",
+            client_frame(TEXT, b"{bad}"),
+            Some("fanout.json"),
+        ),
         (
             "unknown ops",
             client_frame(TEXT, br#"{"op":"nope"}"#),
@@ -166,13 +174,20 @@ fn the_rate_limit_counts_control_frames() {
 fn a_dead_reactor_ends_the_process() {
     let mut server = Server::start(&["--threads", "1", "--fault-panic-reactor", "0"]);
     server.panic_expected = true;
-    let _ = TcpStream::connect(server.addr).and_then(|mut s| {
-        ops_support::handshake(&mut s, "/ws?channel=c", None).map(|_| ())
-    });
+    let _ = TcpStream::connect(server.addr)
+        .and_then(|mut s| ops_support::handshake(&mut s, "/ws?channel=c", None).map(|_| ()));
     let status = server
         .wait_exit(Duration::from_secs(30))
         .expect("the node exits after its reactor died");
-    assert_eq!(status.code(), Some(70), "exit status; log:\n{}", server.log());
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "exit status; log:\n{}",
+        server.log()
+    );
     let log = server.log();
-    assert!(log.contains("reactor-0 died"), "log names the reactor:\n{log}");
+    assert!(
+        log.contains("reactor-0 died"),
+        "log names the reactor:\n{log}"
+    );
 }

@@ -466,7 +466,6 @@ fn many_channels_keep_their_messages_to_themselves() {
     );
 }
 
-
 const FLOOD: usize = 8000;
 const FLOOD_SIZE: usize = 4096;
 

@@ -10,21 +10,21 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use ops_support::{client_frame, client_frame_with, read_head, Server, Ws, SEC, TEXT};
+use ops_support::{
+    client_frame, client_frame_with, read_head, upgrade_request, Server, Ws, SEC, TEXT,
+};
 
 /// Opens a raw-mode WebSocket on `path`, offering permessage-deflate when `offer` is set;
 /// returns the client and the response head.
 fn connect(server: &Server, path: &str, offer: Option<&str>) -> (Ws, String) {
     let mut stream = TcpStream::connect(server.addr).unwrap();
     stream.set_nodelay(true).unwrap();
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    if let Some(offer) = offer {
-        req.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).unwrap();
+    let extra = offer.map_or(String::new(), |o| {
+        format!("Sec-WebSocket-Extensions: {o}\r\n")
+    });
+    stream
+        .write_all(&upgrade_request(path, &[], &extra))
+        .unwrap();
     let head = read_head(&mut stream);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     (Ws::from_stream(stream), head)
@@ -82,7 +82,11 @@ fn a_compressing_and_a_plain_subscriber_get_the_same_message() {
     plain.send(TEXT, message.as_bytes()).unwrap();
     let got = zipped.recv(10 * SEC).unwrap();
     assert!(got.rsv1, "RSV1 set for the compressing subscriber");
-    assert!(got.payload.len() < message.len() / 3, "{} bytes", got.payload.len());
+    assert!(
+        got.payload.len() < message.len() / 3,
+        "{} bytes",
+        got.payload.len()
+    );
     assert_eq!(inflate(&got.payload), message.as_bytes());
     let echo = plain.recv(10 * SEC).unwrap();
     assert!(!echo.rsv1);
@@ -98,7 +102,11 @@ fn a_compressing_and_a_plain_subscriber_get_the_same_message() {
     let from_client = chat_json(2000);
     zipped
         .stream
-        .write_all(&client_frame_with(0xC1, &deflate(from_client.as_bytes()), [9, 8, 7, 6]))
+        .write_all(&client_frame_with(
+            0xC1,
+            &deflate(from_client.as_bytes()),
+            [9, 8, 7, 6],
+        ))
         .unwrap();
     let seen = plain.recv(10 * SEC).unwrap();
     assert_eq!(seen.text(), from_client);
@@ -133,7 +141,11 @@ fn a_zip_bomb_is_refused_at_the_limit() {
     ]);
     let (mut ws, _) = connect(&server, "/ws?channel=bomb", Some("permessage-deflate"));
     let bomb = deflate(&vec![0u8; 64 << 20]);
-    assert!(bomb.len() < 65536, "the bomb fits the frame limit: {}", bomb.len());
+    assert!(
+        bomb.len() < 65536,
+        "the bomb fits the frame limit: {}",
+        bomb.len()
+    );
     ws.stream
         .write_all(&client_frame_with(0xC2, &bomb, [1, 2, 3, 4]))
         .unwrap();

@@ -119,6 +119,10 @@ mod tests {
         mailbox.control(Control::Drain {
             deadline: Instant::now(),
         });
-        assert_eq!(inbox.control.try_iter().count(), 1, "control is never dropped");
+        assert_eq!(
+            inbox.control.try_iter().count(),
+            1,
+            "control is never dropped"
+        );
     }
 }

@@ -21,8 +21,8 @@ use mio::Registry;
 
 use crate::broker::channels::Subscription;
 use crate::metrics::CloseReason;
-use crate::ws::frame::{close_payload, encode};
 use crate::ws::deflate::Agreed;
+use crate::ws::frame::{close_payload, encode};
 use crate::ws::utf8::Utf8Validator;
 use crate::ws::{CloseCode, OpCode};
 use outbox::{Outbox, Overflow, CLOSE_HEADROOM};
@@ -89,7 +89,11 @@ impl Close {
 
     /// The client let its outgoing queue overflow `--max-queue`.
     pub fn slow_consumer() -> Close {
-        Close::new(CloseCode::Policy, "slow consumer", CloseReason::SlowConsumer)
+        Close::new(
+            CloseCode::Policy,
+            "slow consumer",
+            CloseReason::SlowConsumer,
+        )
     }
 }
 
@@ -346,7 +350,10 @@ impl Connection {
         let frame = if client_sent_nothing {
             encode(OpCode::Close, &[])
         } else {
-            encode(OpCode::Close, &close_payload(close.code.code(), &close.reason))
+            encode(
+                OpCode::Close,
+                &close_payload(close.code.code(), &close.reason),
+            )
         };
         // The headroom guarantees the close frame fits after a slow consumer's discard.
         let limit = self.out.len_bytes() + CLOSE_HEADROOM;
@@ -525,13 +532,22 @@ mod tests {
         let (mut conn, mut peer) = pair();
         // Far more than the peer's receive window before it starts reading.
         let payload = vec![b'x'; 1 << 20];
-        conn.send(encode(OpCode::Binary, &payload), 4 << 20).unwrap();
-        conn.send(encode(OpCode::Binary, b"queued"), 4 << 20).unwrap();
+        conn.send(encode(OpCode::Binary, &payload), 4 << 20)
+            .unwrap();
+        conn.send(encode(OpCode::Binary, b"queued"), 4 << 20)
+            .unwrap();
         conn.flush().unwrap();
-        assert!(conn.out.is_mid_frame(), "the first frame is only partly written");
+        assert!(
+            conn.out.is_mid_frame(),
+            "the first frame is only partly written"
+        );
         let left = conn.close(&Close::slow_consumer(), 1);
         assert!(left.is_some(), "leaving Open hands back the subscriptions");
-        assert_eq!(conn.out.frames(), 2, "the started frame and the close frame");
+        assert_eq!(
+            conn.out.frames(),
+            2,
+            "the started frame and the close frame"
+        );
         // Flush the rest while the peer reads everything.
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
@@ -583,7 +599,14 @@ mod tests {
         assert!(conn.add_subscription(sub, 8).is_err());
         let before = conn.queued_bytes();
         conn.send(encode(OpCode::Text, b"late"), 1 << 20).unwrap();
-        assert_eq!(conn.queued_bytes(), before, "a closing connection gets no data");
-        assert!(conn.close(&Close::slow_consumer(), 2).is_none(), "closes once");
+        assert_eq!(
+            conn.queued_bytes(),
+            before,
+            "a closing connection gets no data"
+        );
+        assert!(
+            conn.close(&Close::slow_consumer(), 2).is_none(),
+            "closes once"
+        );
     }
 }

@@ -155,7 +155,11 @@ mod tests {
         out.consume(4);
         assert_eq!((out.frames(), out.offset, out.len_bytes()), (1, 1, 3));
         out.discard();
-        assert_eq!((out.frames(), out.len_bytes()), (1, 3), "the started frame stays");
+        assert_eq!(
+            (out.frames(), out.len_bytes()),
+            (1, 3),
+            "the started frame stays"
+        );
         let mut sink = Vec::new();
         assert_eq!(out.flush(&mut sink).unwrap(), 3);
         assert_eq!(sink, b"efg");

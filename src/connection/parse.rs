@@ -12,8 +12,8 @@ use super::{Action, Close, Connection, Fragments, Limits, TextCheck};
 use crate::broker::data_opcode;
 use crate::metrics::{CloseReason, ReactorMetrics};
 use crate::protocol::{self, Command};
-use crate::ws::frame::{apply_mask, encode_with, FrameError};
 use crate::ws::deflate::Inflater;
+use crate::ws::frame::{apply_mask, encode_with, FrameError};
 use crate::ws::utf8::Utf8Validator;
 use crate::ws::{CloseCode, FrameHeader, OpCode};
 
@@ -198,7 +198,10 @@ impl Connection {
                     };
                     result.map_err(|_| Close::invalid_utf8())?;
                     if head.fin {
-                        self.text_check.utf8.finish().map_err(|_| Close::invalid_utf8())?;
+                        self.text_check
+                            .utf8
+                            .finish()
+                            .map_err(|_| Close::invalid_utf8())?;
                     }
                 }
                 if !head.fin {
@@ -272,7 +275,11 @@ impl Connection {
             let checked = (self.text_check.checked as usize).min(scratch.len());
             let mut utf8 = self.text_check.utf8;
             self.text_check = TextCheck::default();
-            if utf8.feed(&scratch[checked..]).and_then(|()| utf8.finish()).is_err() {
+            if utf8
+                .feed(&scratch[checked..])
+                .and_then(|()| utf8.finish())
+                .is_err()
+            {
                 return Err(Close::invalid_utf8());
             }
         }
@@ -345,9 +352,9 @@ impl Connection {
     fn check_text(&mut self, payload: &[u8], fin: bool) -> Result<(), Close> {
         let checked = (self.text_check.checked as usize).min(payload.len());
         let mut utf8 = self.text_check.utf8;
-        let result = utf8
-            .feed(&payload[checked..])
-            .and_then(|()| if fin { utf8.finish() } else { Ok(()) });
+        let result =
+            utf8.feed(&payload[checked..])
+                .and_then(|()| if fin { utf8.finish() } else { Ok(()) });
         self.text_check = TextCheck {
             utf8: if fin { Utf8Validator::new() } else { utf8 },
             checked: 0,
@@ -421,4 +428,3 @@ fn on_close_frame(masked: &[u8], mask: [u8; 4]) -> Close {
     close.echo = true;
     close
 }
-

@@ -216,7 +216,9 @@ impl Reactor {
         for (name, subscribers) in self.channels.audit_view() {
             for (sub, key) in subscribers {
                 let Some(conn) = self.conns.get(key) else {
-                    return Err(format!("channel {name:?} lists connection {key}, which is gone"));
+                    return Err(format!(
+                        "channel {name:?} lists connection {key}, which is gone"
+                    ));
                 };
                 if !conn.is_open() {
                     return Err(format!(

@@ -121,11 +121,7 @@ impl Reactor {
         let Some(id) = self.channels.id(name) else {
             return;
         };
-        let Some(sub) = self
-            .conns
-            .open(key)
-            .and_then(|c| c.remove_subscription(id))
-        else {
+        let Some(sub) = self.conns.open(key).and_then(|c| c.remove_subscription(id)) else {
             return;
         };
         self.release(sub);
@@ -196,32 +192,38 @@ impl Reactor {
             compressor: &mut self.compressor,
             min_bytes: self.shared.config.compression_min_bytes,
         });
-        broker::fanout(&self.channels, msg, &mut self.json_scratch, compression, |key, frame| {
-            let Some(conn) = conns.open(key) else {
-                debug_assert!(false, "channel lists connection {key}, which is not open");
-                return;
-            };
-            // A full queue can mean only that this turn queued faster than the flush at its end
-            // drains: let the socket take what it can now (a syscall only on this rare path) and
-            // call the client slow only if the frame still does not fit.
-            let fits = conn.send(frame.clone(), max_queue).is_ok()
-                || match conn.flush() {
-                    Ok((written, _)) => {
-                        metrics.bytes_out.add(written as u64);
-                        conn.send(frame.clone(), max_queue).is_ok()
-                    }
-                    Err(_) => false,
+        broker::fanout(
+            &self.channels,
+            msg,
+            &mut self.json_scratch,
+            compression,
+            |key, frame| {
+                let Some(conn) = conns.open(key) else {
+                    debug_assert!(false, "channel lists connection {key}, which is not open");
+                    return;
                 };
-            if !fits {
-                // Closed after the fanout, which holds the channel table.
-                overflowed.push(key);
-                return;
-            }
-            delivered += 1;
-            if conn.mark_dirty() {
-                dirty.push(key);
-            }
-        });
+                // A full queue can mean only that this turn queued faster than the flush at its end
+                // drains: let the socket take what it can now (a syscall only on this rare path) and
+                // call the client slow only if the frame still does not fit.
+                let fits = conn.send(frame.clone(), max_queue).is_ok()
+                    || match conn.flush() {
+                        Ok((written, _)) => {
+                            metrics.bytes_out.add(written as u64);
+                            conn.send(frame.clone(), max_queue).is_ok()
+                        }
+                        Err(_) => false,
+                    };
+                if !fits {
+                    // Closed after the fanout, which holds the channel table.
+                    overflowed.push(key);
+                    return;
+                }
+                delivered += 1;
+                if conn.mark_dirty() {
+                    dirty.push(key);
+                }
+            },
+        );
         self.metrics.deliveries.add(delivered);
         self.metrics.messages_out.add(delivered);
         for key in overflowed {

@@ -138,7 +138,11 @@ impl Reactor {
         for key in requests {
             self.kill(key, CloseReason::Shutdown);
         }
-        log::info!("reactor {}: draining {} connections", self.index, queue.len());
+        log::info!(
+            "reactor {}: draining {} connections",
+            self.index,
+            queue.len()
+        );
         self.drain = Some(Drain {
             start: self.clock.now,
             deadline,

@@ -263,7 +263,11 @@ pub fn encode_with(opcode: OpCode, len: usize, fill: impl FnOnce(&mut BytesMut))
     let mut buf = BytesMut::with_capacity(header + len);
     FrameHeader::write(&mut buf, opcode, len, None);
     fill(&mut buf);
-    debug_assert_eq!(buf.len(), header + len, "fill appended the wrong number of bytes");
+    debug_assert_eq!(
+        buf.len(),
+        header + len,
+        "fill appended the wrong number of bytes"
+    );
     (buf.freeze(), header)
 }
 
