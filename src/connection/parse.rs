@@ -86,14 +86,24 @@ impl Connection {
         let limits = ctx.limits;
         let mut at = 0;
         while self.is_open() {
-            let already = self.fragments.as_ref().map_or(0, |f| f.data.len());
-            let room = limits.max_message.saturating_sub(already) as u64;
+            let max = limits.max_message as u64;
             let deflate = self.deflate.is_some();
-            let head = match FrameHeader::parse_ext(&buf[at..], true, room, deflate) {
+            let head = match FrameHeader::parse_ext(&buf[at..], true, max, deflate) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => return Err(Close::frame_error(e, &limits)),
             };
+            // The fragments received so far count against the message, refused from the header
+            // before its payload is buffered; control frames between fragments are not part of
+            // the message (RFC 6455 5.4) and are bounded at 125 bytes anyway.
+            let already = self.fragments.as_ref().map_or(0, |f| f.data.len()) as u64;
+            if !head.opcode.is_control() && already + head.payload_len > max {
+                let e = FrameError::TooBig {
+                    len: already + head.payload_len,
+                    max,
+                };
+                return Err(Close::frame_error(e, &limits));
+            }
             let total = head.header_len + head.payload_len as usize;
             if buf.len() - at < total {
                 // Validate what has arrived of a text frame, so invalid UTF-8 fails now.
