@@ -422,7 +422,7 @@ impl Model {
     }
 
     /// The active client in `slot`.
-    fn active(&mut self, slot: u8) -> Option<usize> {
+    fn active(&self, slot: u8) -> Option<usize> {
         let i = self.slots[slot as usize % SLOTS]?;
         self.clients[i].active().then_some(i)
     }
