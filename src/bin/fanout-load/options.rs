@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::client::PAYLOAD_PREFIX;
+use crate::client::{min_payload_size, PayloadKind};
 
 /// Connections one worker process opens at most, below the 20000 open-file limit with room for
 /// the process's own descriptors.
@@ -66,9 +66,22 @@ pub struct Options {
     #[arg(long, default_value_t = 16)]
     pub window: usize,
 
-    /// Payload bytes per message (at least 32: the send time and publisher id).
+    /// Payload bytes per message (filler: at least 32, the send time and publisher id;
+    /// chat-json: at least 128).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+
+    /// What a message looks like: `filler` (the send time and publisher id, then dots) or
+    /// `chat-json` (a chat message as JSON: the same stamps, a user, a room and a text of natural
+    /// words; compresses like real chat, where filler would compress absurdly well).
+    #[arg(long, value_enum, default_value_t = PayloadKind::Filler)]
+    pub payload_kind: PayloadKind,
+
+    /// Offer permessage-deflate (RFC 7692) in every upgrade and inflate compressed (RSV1)
+    /// messages. Only receiving is compressed: publishers send plain frames. A server that
+    /// declines leaves the connection uncompressed (the report counts how many negotiated it).
+    #[arg(long)]
+    pub compression: bool,
 
     /// rooms: number of channels.
     #[arg(long, default_value_t = 10)]
@@ -127,10 +140,12 @@ impl Options {
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
             bail!("--rate must be 0 (as fast as possible) or a positive number");
         }
-        if self.size < PAYLOAD_PREFIX {
+        let min = min_payload_size(self.payload_kind);
+        if self.size < min {
             bail!(
-                "--size {} is below the {PAYLOAD_PREFIX}-byte timestamp prefix",
-                self.size
+                "--size {} is below the {min} bytes a {:?} payload needs for its stamps",
+                self.size,
+                self.payload_kind
             );
         }
         if self.scenario == Scenario::Broadcast
@@ -289,6 +304,14 @@ mod tests {
     fn bad_values_are_refused_with_a_reason() {
         let err = opts(&["broadcast", "--size", "8"]).validate().unwrap_err();
         assert!(err.to_string().contains("--size"), "{err}");
+        let err = opts(&["broadcast", "--payload-kind", "chat-json", "--size", "64"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--size"), "{err}");
+        let chat = opts(&["broadcast", "--payload-kind", "chat-json", "--size", "1024"]);
+        assert!(chat.validate().is_ok());
+        assert!(!chat.compression);
+        assert!(opts(&["idle", "--compression"]).compression);
         let err = opts(&["broadcast", "-n", "2", "--publishers", "3"])
             .validate()
             .unwrap_err();

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use clap::ValueEnum;
 use serde::Serialize;
 
 use crate::histogram::Histogram;
@@ -66,6 +67,22 @@ pub struct Report {
     /// Deliveries beyond the expected count (duplicates): should always be 0.
     pub extra: u64,
     pub foreign: u64,
+    /// Run with `--compression` (permessage-deflate offered).
+    pub compression: bool,
+    /// Payload kind (`filler`, `chat-json`) and bytes per message.
+    pub payload_kind: String,
+    pub size: usize,
+    /// Connections whose upgrade agreed permessage-deflate.
+    pub deflate_connections: u64,
+    /// Deliveries that arrived compressed (RSV1).
+    pub compressed_deliveries: u64,
+    /// Bytes the subscribers read from their sockets during the run and drain (frame headers
+    /// included), and the same per delivery: what a delivery costs on the wire.
+    pub wire_bytes: u64,
+    pub wire_bytes_per_delivery: f64,
+    /// Payload bytes per delivery after inflating, and that over the wire bytes.
+    pub payload_bytes_per_delivery: f64,
+    pub wire_ratio: f64,
     pub latency_us: Percentiles,
     pub churn_cycles: u64,
     pub churn_per_s: f64,
@@ -80,6 +97,8 @@ pub struct Report {
     pub server_cpu_s: f64,
     /// Deliveries (pub/sub) or churn cycles per second of server CPU.
     pub per_server_cpu_s: f64,
+    /// Server CPU-seconds per million deliveries (pub/sub) or cycles (churn): µs per delivery.
+    pub server_cpu_s_per_million: f64,
     pub redis_cpu_s: Option<f64>,
     pub load_cpu_s: f64,
     pub errors: BTreeMap<String, u64>,
@@ -114,6 +133,15 @@ impl Report {
             deliveries
         };
         let rss_growth = server.rss_after_kib.saturating_sub(server.rss_before_kib);
+        let wire_bytes = sum(|r| r.wire_bytes);
+        let payload_bytes = sum(|r| r.payload_bytes);
+        let per_delivery = |n: u64| {
+            if deliveries > 0 {
+                n as f64 / deliveries as f64
+            } else {
+                0.0
+            }
+        };
         let mut report = Report {
             scenario: format!("{:?}", options.scenario).to_lowercase(),
             urls: options.urls.clone(),
@@ -134,6 +162,20 @@ impl Report {
             lost: expected.saturating_sub(deliveries),
             extra: deliveries.saturating_sub(expected),
             foreign: sum(|r| r.foreign),
+            compression: options.compression,
+            payload_kind: (options.payload_kind.to_possible_value())
+                .map_or_else(String::new, |v| v.get_name().to_string()),
+            size: options.size,
+            deflate_connections: sum(|r| r.deflate_connections),
+            compressed_deliveries: sum(|r| r.compressed_deliveries),
+            wire_bytes,
+            wire_bytes_per_delivery: per_delivery(wire_bytes),
+            payload_bytes_per_delivery: per_delivery(payload_bytes),
+            wire_ratio: if wire_bytes > 0 {
+                payload_bytes as f64 / wire_bytes as f64
+            } else {
+                0.0
+            },
             latency_us: Percentiles::of(latency),
             churn_cycles,
             churn_per_s: per_s(churn_cycles),
@@ -151,6 +193,11 @@ impl Report {
             server_cpu_s: server.cpu_seconds,
             per_server_cpu_s: if server.cpu_seconds > 0.0 {
                 server_work as f64 / server.cpu_seconds
+            } else {
+                0.0
+            },
+            server_cpu_s_per_million: if server_work > 0 {
+                server.cpu_seconds * 1e6 / server_work as f64
             } else {
                 0.0
             },
@@ -191,6 +238,17 @@ impl Report {
             ),
         );
         row("run", format!("{:.2} s", self.run_s));
+        row(
+            "compression",
+            if self.compression {
+                format!(
+                    "permessage-deflate offered, agreed on {} of {} connections",
+                    self.deflate_connections, self.connected
+                )
+            } else {
+                "off (not offered)".into()
+            },
+        );
         if self.scenario == "broadcast" || self.scenario == "rooms" {
             let target = if self.target_rate > 0.0 {
                 format!("{:.0}/s", self.target_rate)
@@ -204,11 +262,35 @@ impl Report {
                     self.published, self.publish_rate, self.publish_skipped
                 ),
             );
+            if self.target_rate > 0.0 && self.publish_rate < 0.9 * self.target_rate {
+                // The publisher shares the event loop with the receivers: when they cannot
+                // keep up (inflating, on starved cores), publishing slows with them.
+                row(
+                    "warning",
+                    "publishing fell behind the target: the load tool, not the server, \
+                     limited this run (lower --rate or add --procs)"
+                        .into(),
+                );
+            }
             row(
                 "deliveries",
                 format!(
                     "{} ({:.0}/s), expected {}, lost {}, extra {}",
                     self.deliveries, self.deliveries_per_s, self.expected, self.lost, self.extra
+                ),
+            );
+            row(
+                "wire bytes",
+                format!(
+                    "{:.1} B read per delivery ({} payload {} B, {:.1} B after inflating; \
+                     {} of {} deliveries compressed; payload / wire {:.2})",
+                    self.wire_bytes_per_delivery,
+                    self.payload_kind,
+                    self.size,
+                    self.payload_bytes_per_delivery,
+                    self.compressed_deliveries,
+                    self.deliveries,
+                    self.wire_ratio
                 ),
             );
             row("latency µs", percentiles(&self.latency_us));
@@ -242,8 +324,8 @@ impl Report {
             row(
                 "server CPU",
                 format!(
-                    "{:.2} s ({:.0} {unit} per CPU-second)",
-                    self.server_cpu_s, self.per_server_cpu_s
+                    "{:.2} s ({:.0} {unit} per CPU-second, {:.3} CPU-s per million)",
+                    self.server_cpu_s, self.per_server_cpu_s, self.server_cpu_s_per_million
                 ),
             );
         }

@@ -8,6 +8,10 @@
 //!
 //! Connection `i` (global index over all workers) belongs to worker `i mod P`, targets URL
 //! `i mod U`, joins room `i mod R`, and binds source address 127.0.0.(FIRST + i mod span).
+//!
+//! With `--compression` every connection offers permessage-deflate; all of a worker's
+//! connections share one inflater ([`client::Receiver`]), so compression adds a few bytes per
+//! connection to the tool, not a 32 KiB window each.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, ErrorKind, Read, Write};
@@ -24,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::client::{self, Handshake};
+use crate::client::{self, Assembly, Handshake, Receiver};
 use crate::histogram::{Histogram, SparseHistogram};
 use crate::options::{is_ipv4_loopback, Options, Scenario, Target};
 
@@ -66,6 +70,15 @@ pub struct WorkerResult {
     pub expected: u64,
     /// Messages without the load payload (someone else publishing on the channel).
     pub foreign: u64,
+    /// Bytes read from the sockets of connections counted in the run, from GO to the end of
+    /// the drain: frame headers, compressed or plain payloads, pings, everything on the wire.
+    pub wire_bytes: u64,
+    /// Payload bytes of the counted deliveries after inflating.
+    pub payload_bytes: u64,
+    /// Counted deliveries that arrived compressed (RSV1).
+    pub compressed_deliveries: u64,
+    /// Connections whose upgrade agreed permessage-deflate.
+    pub deflate_connections: u64,
     pub latency_ns: SparseHistogram,
     pub handshake_ns: SparseHistogram,
     pub churn_cycles: u64,
@@ -96,8 +109,10 @@ struct Conn {
     /// Handshake bytes so far, or the unparsed tail of a frame.
     inbuf: Vec<u8>,
     out: Vec<u8>,
-    /// Send time of a fragmented message whose final frame has not arrived.
-    partial_sent_ns: Option<(u64, u64)>,
+    /// permessage-deflate was agreed: RSV1 frames are allowed and inflated.
+    deflate: bool,
+    /// The data message being received (stamps of a fragmented one, compressed fragments).
+    assembly: Assembly,
     /// Own messages sent and not yet received back (closed-loop publishing).
     in_flight: usize,
     publisher: bool,
@@ -129,6 +144,7 @@ struct Worker {
     conns: Slab<Conn>,
     scratch: Vec<u8>,
     payload: Vec<u8>,
+    receiver: Receiver,
     stats: Stats,
     dead: Vec<usize>,
     /// Publishers whose own message came back (closed-loop mode): each may send one more.
@@ -172,6 +188,7 @@ pub fn run(spec_json: &str) -> Result<()> {
         conns: Slab::new(),
         scratch: vec![0; 64 * 1024],
         payload: Vec::new(),
+        receiver: Receiver::default(),
         dead: Vec::new(),
         refill: Vec::new(),
         running: false,
@@ -323,7 +340,8 @@ impl Worker {
             started: Instant::now(),
             inbuf: Vec::new(),
             out: Vec::new(),
-            partial_sent_ns: None,
+            deflate: false,
+            assembly: Assembly::default(),
             in_flight: 0,
             publisher: self.options.is_publisher(index),
             counted: false,
@@ -399,7 +417,12 @@ impl Worker {
         }
         let target = &self.targets[conn.target];
         let channel = self.options.channel_of(conn.index);
-        conn.out = client::upgrade_request(&target.host, &target.path, &channel);
+        conn.out = client::upgrade_request(
+            &target.host,
+            &target.path,
+            &channel,
+            self.options.compression,
+        );
         conn.phase = Phase::Handshaking;
         self.flush(key);
     }
@@ -455,6 +478,9 @@ impl Worker {
                     return;
                 }
                 Ok(n) => {
+                    if conn.counted {
+                        self.stats.result.wire_bytes += n as u64;
+                    }
                     let mut pending = std::mem::take(&mut conn.inbuf);
                     let (tail, outcome) = if pending.is_empty() {
                         let (consumed, outcome) = self.process(key, &scratch[..n]);
@@ -493,12 +519,12 @@ impl Worker {
     fn process(&mut self, key: usize, data: &[u8]) -> (usize, Result<(), String>) {
         let mut at = 0;
         if self.conns[key].phase == Phase::Handshaking {
-            match client::check_response(data) {
+            match client::check_response(data, self.options.compression) {
                 Handshake::Incomplete => return (0, Ok(())),
                 Handshake::Refused(why) => return (0, Err(why)),
-                Handshake::Upgraded(head) => {
+                Handshake::Upgraded { head, deflate } => {
                     at = head;
-                    self.upgraded(key);
+                    self.upgraded(key, deflate);
                 }
             }
         }
@@ -507,7 +533,7 @@ impl Worker {
             if self.conns[key].phase == Phase::Dead {
                 break;
             }
-            let frame = match client::next_frame(&data[at..]) {
+            let frame = match client::next_frame(&data[at..], self.conns[key].deflate) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(why) => return (at, Err(why)),
@@ -520,9 +546,10 @@ impl Worker {
         (at, Ok(()))
     }
 
-    fn upgraded(&mut self, key: usize) {
+    fn upgraded(&mut self, key: usize, deflate: bool) {
         self.handshakes_in_flight -= 1;
         let conn = &mut self.conns[key];
+        conn.deflate = deflate;
         self.stats
             .handshake
             .record(conn.started.elapsed().as_nanos() as u64);
@@ -538,6 +565,7 @@ impl Worker {
         } else {
             conn.phase = Phase::Open;
             self.stats.result.connected += 1;
+            self.stats.result.deflate_connections += u64::from(deflate);
         }
     }
 
@@ -550,22 +578,27 @@ impl Worker {
         let conn = &mut self.conns[key];
         match frame.opcode {
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                if frame.opcode != OpCode::Continuation {
-                    conn.partial_sent_ns = client::parse_payload(frame.payload);
-                    if conn.partial_sent_ns.is_none() {
-                        self.stats.result.foreign += 1;
-                    }
-                }
-                if !frame.fin {
+                let Some(message) = self.receiver.data_frame(&mut conn.assembly, &frame)? else {
                     return Ok(());
-                }
-                let Some((sent_ns, publisher)) = conn.partial_sent_ns.take() else {
+                };
+                let Some((sent_ns, publisher)) = message.stamps else {
+                    self.stats.result.foreign += 1;
                     return Ok(());
                 };
                 if !self.running && !conn.counted {
                     return Ok(());
                 }
+                if message.len != self.options.size {
+                    // Every publisher builds --size bytes: anything else is a truncated or
+                    // mis-inflated message (the stamps alone would not show it).
+                    self.stats.error(format!(
+                        "delivery of {} bytes, not --size {}",
+                        message.len, self.options.size
+                    ));
+                }
                 self.stats.result.received += 1;
+                self.stats.result.payload_bytes += message.len as u64;
+                self.stats.result.compressed_deliveries += u64::from(message.compressed);
                 self.stats
                     .latency
                     .record(received_ns.saturating_sub(sent_ns));
@@ -661,8 +694,10 @@ impl Worker {
         }
         client::load_payload(
             &mut self.payload,
+            self.options.payload_kind,
             now_ns(),
             conn.index as u64,
+            conn.room,
             self.options.size,
         );
         client::write_masked(
