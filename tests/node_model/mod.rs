@@ -73,15 +73,6 @@ const SETTLE: Duration = Duration::from_secs(5);
 const READ_CAP: usize = 1 << 20;
 const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
-/// A known fanout bug the model allows for, so that the property test and the fuzzer keep
-/// looking for others: `Connection::parse_frames` (src/connection/parse.rs) checks every frame,
-/// control frames included, against the room left in the message being reassembled, so a ping
-/// between two fragments is refused with 1009 `message over N bytes` when the fragments so far
-/// plus the ping's payload exceed `--max-message`. RFC 6455 5.4 allows control frames there and
-/// they are not part of the message. Set this to `false` once that is fixed; the ignored test
-/// `a_ping_between_fragments_does_not_count_against_the_message` in tests/proptest_node.rs shows
-/// the bug on its own.
-pub const PING_IN_FRAGMENTS_BUG: bool = true;
 const CONTINUATION: u8 = 0;
 const FIN: u8 = 0x80;
 
@@ -329,9 +320,6 @@ struct Client {
     /// The client sent a frame that ends the connection: the close code it provoked. It sends
     /// nothing after that.
     ending: Option<u16>,
-    /// It sent a ping between fragments that fanout wrongly refuses with 1009 (see
-    /// [`PING_IN_FRAGMENTS_BUG`]).
-    may_close_1009: bool,
     /// The server's close frame was read: any further frame is a violation.
     closed: Option<(u16, String)>,
     eof: bool,
@@ -515,9 +503,6 @@ impl Model {
                     if n == 0 {
                         // Control frames may come between the frames of a message (RFC 6455 5.4).
                         let payload = vec![b'f'; ping.min(125) as usize];
-                        if PING_IN_FRAGMENTS_BUG && at + payload.len() > MAX_MESSAGE {
-                            self.clients[i].may_close_1009 = true;
-                        }
                         bytes.extend(client_frame(PING, &payload));
                         self.clients[i].pongs.push_back(payload);
                     }
@@ -782,7 +767,6 @@ impl Model {
             replies: VecDeque::new(),
             pongs: VecDeque::new(),
             ending: None,
-            may_close_1009: false,
             closed: None,
             eof: false,
             last: HashMap::new(),
@@ -908,8 +892,7 @@ impl Model {
                 let slow = code == 1008 && reason == "slow consumer";
                 let rate =
                     code == 1008 && self.setup.rate_limit && reason.starts_with("rate limit");
-                let known_bug = code == 1009 && c.may_close_1009;
-                if !(slow || rate || known_bug || c.ending == Some(code)) {
+                if !(slow || rate || c.ending == Some(code)) {
                     return Err(format!(
                         "close {code} {reason:?}, but the client provoked {:?}",
                         c.ending
@@ -1289,6 +1272,7 @@ mod checker_rejects {
                 let (opcode, payload) = m.publication(raw, 0, 3, false, false);
                 Frame {
                     fin: true,
+                    rsv1: false,
                     opcode,
                     payload,
                 }
@@ -1307,6 +1291,7 @@ mod checker_rejects {
     fn text(payload: &str) -> Frame {
         Frame {
             fin: true,
+            rsv1: false,
             opcode: TEXT,
             payload: payload.as_bytes().to_vec(),
         }
@@ -1355,6 +1340,7 @@ mod checker_rejects {
                 raw,
                 Frame {
                     fin: true,
+                    rsv1: false,
                     opcode,
                     payload,
                 },
@@ -1389,6 +1375,7 @@ mod checker_rejects {
                 raw,
                 Frame {
                     fin: true,
+                    rsv1: false,
                     opcode: CLOSE,
                     payload: close,
                 },
