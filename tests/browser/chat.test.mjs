@@ -91,7 +91,10 @@ function waitPort(port, ms = 10000) {
 
 function startNode(name, listen, redisPort) {
   const child = start(name, FANOUT, ["--listen", listen, "--threads", "2", "--redis", `redis://127.0.0.1:${redisPort}`,
-    "--drain-delay", "0", "--drain-time", "0.5", "--log-level", "info"]);
+    "--drain-delay", "0", "--drain-time", "0.5", "--log-level", "info",
+    // Chromium offers permessage-deflate: every message of this test travels compressed, both
+    // ways (a 0-byte minimum so the server compresses even short chat lines).
+    "--compression", "on", "--compression-min-bytes", "0"]);
   return new Promise((resolve, reject) => {
     let buf = "";
     const timer = setTimeout(() => reject(new Error(`${name} did not print its address within 15 s`)), 15000);
@@ -242,6 +245,17 @@ try {
     if (!/\d{1,2}:\d{2}/.test(time)) throw new Error(`no time shown, got ${JSON.stringify(time)}`);
     const sent = bFrames.received.map((f) => JSON.parse(f)).find((m) => m.op === "message" && m.data?.text === "hello from ana");
     if (!sent || sent.data.user !== "ana" || typeof sent.data.ts !== "number") throw new Error(`the page must publish {user,text,ts}; B received ${JSON.stringify(sent)}`);
+  });
+
+  await check("Chromium and fanout agree on permessage-deflate (the page's messages travel compressed)", async () => {
+    const ext = await a.evaluate((url) => new Promise((resolve, reject) => {
+      const s = new WebSocket(url);
+      s.onopen = () => { resolve(s.extensions); s.close(); };
+      s.onerror = () => reject(new Error("WebSocket error"));
+    }), `ws://${n1.addr}/ws?channel=deflate-check`);
+    if (!ext.startsWith("permessage-deflate") || !ext.includes("server_no_context_takeover")) {
+      throw new Error(`negotiated extensions ${JSON.stringify(ext)}`);
+    }
   });
 
   await check("a message typed in B appears in A, and only B marks it as its own", async () => {

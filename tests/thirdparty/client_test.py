@@ -3,7 +3,9 @@
 Each check talks to the server over loopback with an unmodified third-party client, so it
 proves interoperability, not just agreement between fanout and its own test helpers. The server
 runs with --ping-interval 1 --idle-timeout 3 --max-message 1024 so keep-alive and size limits are
-reached in seconds. Usage: client_test.py FANOUT_BIN.
+reached in seconds, and with --compression on: `websockets` offers permessage-deflate by default,
+so every check also runs over a compressed connection (client messages compressed by the
+library, server messages of 64 bytes and more by fanout). Usage: client_test.py FANOUT_BIN.
 """
 
 import asyncio
@@ -30,7 +32,8 @@ class Fanout:
     def __init__(self, binary):
         args = [binary, "--listen", "127.0.0.1:0", "--threads", "2",
                 "--ping-interval", "1", "--idle-timeout", "3",
-                "--max-message", str(MAX_MESSAGE), "--drain-delay", "0", "--drain-time", "0"]
+                "--max-message", str(MAX_MESSAGE), "--drain-delay", "0", "--drain-time", "0",
+                "--compression", "on", "--compression-min-bytes", "64"]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "RUST_LOG": "warn"})
         line = self.proc.stdout.readline().decode().strip()
@@ -222,7 +225,29 @@ async def json_subprotocol_is_negotiated(s):
         assert plain.subprotocol is None, plain.subprotocol
 
 
+def deflate_agreed(conn):
+    return any(type(e).__name__ == "PerMessageDeflate" for e in conn.protocol.extensions)
+
+
+async def compression_is_negotiated_and_used(s):
+    chat = json.dumps({"user": "ada", "text": "hello everyone in the room " * 30})
+    async with ws(f"{s.url}/ws?channel=tp-zip") as zipped, \
+            ws(f"{s.url}/ws?channel=tp-zip", compression=None) as plain:
+        assert deflate_agreed(zipped), zipped.protocol.extensions
+        assert not deflate_agreed(plain), plain.protocol.extensions
+        await zipped.send(chat)  # compressed by the library
+        assert await recv(plain) == chat
+        assert await recv(zipped) == chat  # compressed by fanout, inflated by the library
+        await plain.send(chat)
+        assert await recv(zipped) == chat
+        assert await recv(plain) == chat
+        await zipped.send("short")  # under --compression-min-bytes: plain from fanout
+        assert await recv(zipped) == "short"
+        assert await recv(plain) == "short"
+
+
 CHECKS = [
+    compression_is_negotiated_and_used,
     raw_chat_between_two_clients,
     fragmented_message_is_reassembled,
     fragments_over_the_limit_get_1009,
