@@ -39,7 +39,10 @@ pub fn fanout(
     };
     let envelope = (channel.json_subscribers > 0)
         .then(|| protocol::envelope(&channel.name, msg.payload(), scratch));
-    let text = msg.frame.first().is_some_and(|b| b & 0x0F == OpCode::Text.bits());
+    let text = msg
+        .frame
+        .first()
+        .is_some_and(|b| b & 0x0F == OpCode::Text.bits());
     let (mut raw_deflated, mut json_deflated) = (FrameCache::default(), FrameCache::default());
     for (_, sub) in channel.subscribers.iter() {
         let (plain, payload, text, cache) = match (&envelope, sub.json) {
@@ -68,8 +71,9 @@ pub struct Message {
 impl Message {
     /// Frames `payload` once. `text` picks the opcode.
     pub fn new(channel: Bytes, payload: &[u8], text: bool) -> Message {
-        let (frame, payload_at) =
-            frame::encode_with(data_opcode(text), payload.len(), |buf| buf.put_slice(payload));
+        let (frame, payload_at) = frame::encode_with(data_opcode(text), payload.len(), |buf| {
+            buf.put_slice(payload)
+        });
         Message {
             channel,
             frame,
