@@ -98,7 +98,10 @@ pub struct ReactorMetrics {
     pub redis_messages_in: Counter,
     pub redis_oversized: Counter,
     pub redis_reconnects: Counter,
+    /// 1 while this reactor's Redis link is up (only the node's Redis reactor has one).
     pub redis_link_up: Counter,
+    /// Channels the node is subscribed to in Redis (kept by the Redis reactor).
+    pub redis_subscriptions: Counter,
     pub publishes_dropped: Counter,
     /// Messages another reactor could not queue to this one because its mailbox was full.
     pub bus_dropped: Counter,
@@ -222,20 +225,26 @@ pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool)
         metric(
             "fanout_redis_reconnects_total",
             "counter",
-            "Times a reactor's Redis link was re-established after a failure.",
+            "Times the node's Redis link was re-established after a failure.",
             sum(&|m| m.redis_reconnects.get()),
         );
         metric(
             "fanout_redis_links_up",
             "gauge",
-            "Reactors whose Redis link is up.",
+            "Redis links of this node that are up (0 or 1).",
             sum(&|m| m.redis_link_up.get()),
         );
         metric(
             "fanout_redis_links",
             "gauge",
-            "Reactors that keep a Redis link (one per reactor).",
-            reactors.len() as u64,
+            "Redis links this node keeps: one, held by reactor 0, whatever the number of reactors.",
+            1,
+        );
+        metric(
+            "fanout_redis_subscriptions",
+            "gauge",
+            "Channels this node is subscribed to in Redis (one subscription per channel per node).",
+            sum(&|m| m.redis_subscriptions.get()),
         );
     }
     metric(

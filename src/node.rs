@@ -1,5 +1,6 @@
 //! What the reactors of one node share: the configuration, each reactor's mailbox, counters and
-//! flags, and node-wide figures (open WebSockets, the resolved Redis address, draining).
+//! flags, and node-wide figures (open WebSockets, the resolved Redis address, whether the node's
+//! one Redis link is up, draining).
 //!
 //! Everything here is read-mostly and touched per connection, per scrape or per reconnect, never
 //! per message. It lives apart from both the reactor and the supervisor (`server`) so that
@@ -19,6 +20,7 @@ pub struct ReactorShared {
     pub mailbox: Mailbox,
     pub metrics: Arc<ReactorMetrics>,
     pub accepting: AtomicBool,
+    /// The Redis link of this reactor is up; only reactor 0, the node's Redis reactor, has one.
     pub redis_up: AtomicBool,
 }
 
@@ -59,9 +61,9 @@ impl Shared {
             if !r.accepting.load(Ordering::Acquire) {
                 return Err(format!("reactor {i} is not accepting"));
             }
-            if self.config.redis.is_some() && !r.redis_up.load(Ordering::Acquire) {
-                return Err(format!("redis link of reactor {i} is down"));
-            }
+        }
+        if !self.redis_link_up() {
+            return Err("the node's redis link is down".into());
         }
         Ok(())
     }
@@ -95,13 +97,19 @@ impl Shared {
         }
     }
 
-    /// Whether any reactor's Redis link is down (the supervisor then re-resolves the address).
-    pub fn redis_down(&self) -> bool {
-        self.config.redis.is_some()
-            && self
+    /// Whether the node's Redis link is up (always, without `--redis`). Only the Redis reactor,
+    /// reactor 0, holds a link and sets its `redis_up`.
+    pub fn redis_link_up(&self) -> bool {
+        self.config.redis.is_none()
+            || self
                 .reactors
-                .iter()
-                .any(|r| !r.redis_up.load(Ordering::Acquire))
+                .first()
+                .is_some_and(|r| r.redis_up.load(Ordering::Acquire))
+    }
+
+    /// Whether the node's Redis link is down (the supervisor then re-resolves the address).
+    pub fn redis_down(&self) -> bool {
+        !self.redis_link_up()
     }
 
     /// Asks every reactor to stop accepting and close its clients, spread over `drain_time`.

@@ -1,11 +1,24 @@
 //! The queues between the reactors of one node.
 //!
-//! Each reactor has a [`Mailbox`]: a bounded queue of messages to deliver, an unbounded (but
-//! rare: one entry per drain) queue of control requests, and the mio `Waker` of its `Poll`.
-//! Messages a full queue cannot take are dropped and counted, never buffered without limit: a
-//! reactor that falls behind must not grow the node's memory. Wakeups are coalesced: a sender
-//! only writes the eventfd when the flag says the reactor has not been woken since it last drained
-//! its queues, so a burst of messages costs one syscall.
+//! Each reactor has a [`Mailbox`] and the mio `Waker` of its `Poll`:
+//! - `messages`: bounded; messages to deliver to its local subscribers. A full queue drops and
+//!   counts, never buffers without limit: a reactor that falls behind must not grow the node's
+//!   memory.
+//! - `requests`: bounded; used only on the node's Redis reactor (reactor 0), which alone holds
+//!   the Redis link: interest changes (a channel gained its first or lost its last subscriber on
+//!   some reactor) and publish requests. A full queue hands the request back to the sender, which
+//!   answers a JSON publisher with an error (a raw one is counted as dropped) and keeps an interest
+//!   change in a small per-channel table to retry (see `reactor::pubsub`), so nothing is lost
+//!   and nothing grows without limit.
+//! - `replies`: from the Redis reactor back to a reactor: publish acknowledgements and
+//!   subscription confirmations. Not bounded by the channel itself but by its only producer's
+//!   protocol: every reply answers one request the receiving reactor counted as awaited, and a
+//!   reactor never has more than [`MAX_AWAITED`] replies outstanding (past that a JSON publish
+//!   gets an error and a subscription request waits), so this queue never holds more.
+//! - `control`: unbounded but rare (one entry per drain).
+//!
+//! Wakeups are coalesced: a sender only writes the eventfd when the flag says the reactor has not
+//! been woken since it last drained its queues, so a burst of messages costs one syscall.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
@@ -14,6 +27,9 @@ use std::time::Instant;
 
 use mio::Waker;
 
+use bytes::Bytes;
+
+use super::redis::Ack;
 use super::Message;
 use crate::metrics::ReactorMetrics;
 
@@ -21,6 +37,45 @@ use crate::metrics::ReactorMetrics;
 /// `--max-message` that bounds one queue to a few GiB in the very worst case, and to a few MiB
 /// for chat-sized messages; a reactor that is this far behind is overloaded anyway.
 pub const MAILBOX_CAPACITY: usize = 16 * 1024;
+
+/// Most replies a reactor may be owed by the Redis reactor at once (see the module comment).
+pub const MAX_AWAITED: usize = 64 * 1024;
+
+/// What a reactor asks of the node's Redis reactor.
+#[derive(Debug)]
+pub enum Request {
+    /// Channel `channel` gained its first (`subscribe`) or lost its last local subscriber on
+    /// reactor `reactor`. A subscribe is answered with [`Reply::Subscribed`] once the node holds
+    /// the Redis subscription; an unsubscribe is not answered.
+    Interest {
+        reactor: usize,
+        channel: Bytes,
+        subscribe: bool,
+    },
+    /// PUBLISH `payload` on `channel`; with an `ack`, answered with [`Reply::Published`].
+    Publish {
+        channel: Bytes,
+        payload: Bytes,
+        ack: Option<Ack>,
+    },
+}
+
+/// What the Redis reactor answers.
+#[derive(Debug)]
+pub enum Reply {
+    /// One subscribe request for `channel` was settled: `Ok` once Redis confirmed the node's
+    /// subscription (or at once while the link is down: it is made when the link comes up),
+    /// `Err` with Redis' reason when Redis refused it.
+    Subscribed {
+        channel: Bytes,
+        result: Result<(), String>,
+    },
+    /// A PUBLISH with an ack was answered by Redis, refused, or lost with the link.
+    Published {
+        ack: Ack,
+        result: Result<(), String>,
+    },
+}
 
 /// What one thread asks of a reactor besides delivering messages.
 #[derive(Debug)]
@@ -32,6 +87,8 @@ pub enum Control {
 /// The sending side of a reactor's queues, shared with every other thread.
 pub struct Mailbox {
     messages: SyncSender<Message>,
+    requests: SyncSender<Request>,
+    replies: Sender<Reply>,
     control: Sender<Control>,
     waker: Waker,
     woken: AtomicBool,
@@ -42,16 +99,22 @@ pub struct Mailbox {
 /// The receiving side, owned by the reactor.
 pub struct Inbox {
     pub messages: Receiver<Message>,
+    pub requests: Receiver<Request>,
+    pub replies: Receiver<Reply>,
     pub control: Receiver<Control>,
 }
 
 impl Mailbox {
     pub fn new(waker: Waker, capacity: usize, metrics: Arc<ReactorMetrics>) -> (Mailbox, Inbox) {
         let (messages, message_rx) = mpsc::sync_channel(capacity);
+        let (requests, request_rx) = mpsc::sync_channel(capacity);
+        let (replies, reply_rx) = mpsc::channel();
         let (control, control_rx) = mpsc::channel();
         (
             Mailbox {
                 messages,
+                requests,
+                replies,
                 control,
                 waker,
                 woken: AtomicBool::new(false),
@@ -59,6 +122,8 @@ impl Mailbox {
             },
             Inbox {
                 messages: message_rx,
+                requests: request_rx,
+                replies: reply_rx,
                 control: control_rx,
             },
         )
@@ -75,6 +140,34 @@ impl Mailbox {
                 self.wake();
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Queues a request for the Redis reactor; a full queue hands it back (see the module
+    /// comment for what the sender then does). A stopped reactor takes nothing either.
+    pub fn request(&self, request: Request) -> Result<(), Request> {
+        match self.requests.try_send(request) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => Err(r),
+        }
+    }
+
+    /// Queues a reply from the Redis reactor (bounded by [`MAX_AWAITED`] on the sending side).
+    pub fn reply(&self, reply: Reply) {
+        if self.replies.send(reply).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Makes the reactor's next poll return at once, even if it was woken already: it stopped
+    /// draining a queue before the end to keep its turn short.
+    pub fn nudge(&self) {
+        self.woken.store(true, Ordering::Release);
+        if let Err(e) = self.waker.wake() {
+            log::error!("cannot wake a reactor: {e}");
         }
     }
 
@@ -124,5 +217,24 @@ mod tests {
             1,
             "control is never dropped"
         );
+    }
+
+    #[test]
+    fn a_full_request_queue_hands_the_request_back() {
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), Token(0)).unwrap();
+        let (mailbox, inbox) = Mailbox::new(waker, 2, Arc::new(ReactorMetrics::default()));
+        let publish = || Request::Publish {
+            channel: Bytes::from_static(b"c"),
+            payload: Bytes::from_static(b"x"),
+            ack: None,
+        };
+        assert!(mailbox.request(publish()).is_ok());
+        assert!(mailbox.request(publish()).is_ok());
+        assert!(matches!(
+            mailbox.request(publish()),
+            Err(Request::Publish { .. })
+        ));
+        assert_eq!(inbox.requests.try_iter().count(), 2);
     }
 }

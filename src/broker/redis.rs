@@ -1,7 +1,9 @@
-//! One reactor's link to Redis: a nonblocking RESP3 connection on the reactor's own `Poll`.
+//! The node's link to Redis: a nonblocking RESP3 connection on the `Poll` of the node's Redis
+//! reactor (reactor 0), the only one that holds a link.
 //!
 //! The link speaks `HELLO 3`, so Pub/Sub pushes and command replies share one connection: the
-//! reactor SUBSCRIBEs there for the channels its clients want and PUBLISHes there for its clients.
+//! Redis reactor SUBSCRIBEs there for the channels the node's clients want and PUBLISHes there for
+//! every reactor's clients.
 //! Replies are matched to commands in order through `pending`. Frames are decoded by
 //! redis-protocol straight out of the read buffer: a message payload is a `Bytes` slice of it.
 //!
@@ -37,9 +39,11 @@ const READ_BUDGET: usize = 4 << 20;
 /// attempt is logged at debug level; one warn line per retry would flood the log).
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
-/// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok`.
+/// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok`, on reactor
+/// `reactor`, named by slab key and serial (the key may be reused by the time the ack arrives).
 #[derive(Debug, Clone)]
 pub struct Ack {
+    pub reactor: usize,
     pub conn: usize,
     pub conn_serial: u64,
     pub id: Option<Box<str>>,
@@ -66,6 +70,12 @@ enum Pending {
 pub enum RedisEvent {
     /// Handshake done: subscribe every channel that has local subscribers.
     Up,
+    /// The link that was up went down: Redis holds none of its subscriptions any more.
+    Down,
+    /// Redis confirmed the subscription of `channel` (prefix removed).
+    Subscribed { channel: Bytes },
+    /// Redis refused to SUBSCRIBE `channel` (prefix removed), typically an ACL.
+    SubscribeRefused { channel: Bytes, error: String },
     /// A Pub/Sub message for a channel (prefix removed).
     Message { channel: Bytes, payload: Bytes },
     /// A PUBLISH this reactor sent was answered (or lost with the link).
@@ -256,6 +266,7 @@ impl RedisLink {
         }
         if was_up {
             log::warn!("redis: link down ({why}); reconnecting");
+            self.events.push_back(RedisEvent::Down);
         } else {
             self.attempt_failed(now, why);
         }
@@ -417,13 +428,13 @@ impl RedisLink {
                     .push_back(RedisEvent::Message { channel, payload });
                 Ok(())
             }
-            Push::Confirmation { subscribe } => self.on_confirmation(subscribe),
+            Push::Confirmation { subscribe, channel } => self.on_confirmation(subscribe, channel),
             Push::Other => Ok(()),
         }
     }
 
     /// One channel of the oldest SUBSCRIBE/UNSUBSCRIBE was confirmed.
-    fn on_confirmation(&mut self, subscribe: bool) -> Result<(), String> {
+    fn on_confirmation(&mut self, subscribe: bool, channel: Bytes) -> Result<(), String> {
         let done = match self.pending.front_mut() {
             Some((
                 Pending::Interest {
@@ -450,7 +461,19 @@ impl RedisLink {
         if done {
             self.pending.pop_front();
         }
+        if subscribe {
+            if let Some(channel) = self.local_name(&channel) {
+                self.events.push_back(RedisEvent::Subscribed { channel });
+            }
+        }
         Ok(())
+    }
+
+    /// The fanout channel name of a Redis channel name: the prefix removed (`None` if it lacks it).
+    fn local_name(&self, redis_name: &Bytes) -> Option<Bytes> {
+        redis_name
+            .starts_with(&self.prefix)
+            .then(|| redis_name.slice(self.prefix.len()..))
     }
 
     /// A SUBSCRIBE was refused (typically an ACL denying a channel). Redis refuses the whole
@@ -477,6 +500,16 @@ impl RedisLink {
             .iter()
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect();
+        if subscribe {
+            for name in &channels {
+                if let Some(channel) = self.local_name(name) {
+                    self.events.push_back(RedisEvent::SubscribeRefused {
+                        channel,
+                        error: error.to_string(),
+                    });
+                }
+            }
+        }
         let verb = if subscribe {
             "SUBSCRIBE"
         } else {
@@ -673,8 +706,9 @@ pub enum Push {
     /// A Pub/Sub message on one of our channels (the prefix removed; both slices share the read
     /// buffer, nothing is copied).
     Message { channel: Bytes, payload: Bytes },
-    /// Redis confirmed one channel of a SUBSCRIBE (`true`) or UNSUBSCRIBE (`false`).
-    Confirmation { subscribe: bool },
+    /// Redis confirmed one channel of a SUBSCRIBE (`true`) or UNSUBSCRIBE (`false`); `channel`
+    /// is the Redis name, prefix included (empty when the frame did not carry one).
+    Confirmation { subscribe: bool, channel: Bytes },
     /// Anything else: another prefix's channel, pattern messages, shapes fanout does not use.
     Other,
 }
@@ -689,10 +723,19 @@ pub fn classify_push(mut data: Vec<BytesFrame>, prefix: &[u8]) -> Push {
         ) => kind.clone(),
         _ => return Push::Other,
     };
+    let confirmed = |subscribe: bool| {
+        let channel = match data.get(1) {
+            Some(BytesFrame::BlobString { data, .. } | BytesFrame::SimpleString { data, .. }) => {
+                data.clone()
+            }
+            _ => Bytes::new(),
+        };
+        Push::Confirmation { subscribe, channel }
+    };
     match &kind[..] {
         b"message" if data.len() == 3 => {}
-        b"subscribe" => return Push::Confirmation { subscribe: true },
-        b"unsubscribe" => return Push::Confirmation { subscribe: false },
+        b"subscribe" => return confirmed(true),
+        b"unsubscribe" => return confirmed(false),
         _ => return Push::Other,
     }
     let (

@@ -1,6 +1,6 @@
 //! The event loop of one reactor thread: a mio `Poll`, its own listener, its slab of connections,
-//! its channel table and (with `--redis`) its own Redis link. Nothing here is shared with other
-//! threads except the mailbox other reactors post to and the counters they read.
+//! its channel table and, on reactor 0 with `--redis`, the node's one Redis link. Nothing here is
+//! shared with other threads except the mailbox other reactors post to and the counters they read.
 //!
 //! One turn of the loop: wait for readiness; accept, read and parse; run what the messages ask
 //! (publish, subscribe: [`pubsub`]); then timers ([`timers`]); then flush every connection that
@@ -53,7 +53,12 @@ pub struct Reactor {
     inbox: Inbox,
     shared: Arc<Shared>,
     metrics: Arc<ReactorMetrics>,
+    /// The node's Redis link: only on the Redis reactor (reactor 0), only with `--redis`.
     redis: Option<RedisLink>,
+    /// The node's channel table for Redis, kept by the Redis reactor.
+    hub: Option<pubsub::Hub>,
+    /// This reactor's side of the node's Redis link (subscriptions awaiting confirmation).
+    uplink: pubsub::Uplink,
     scratch: Vec<u8>,
     json_scratch: Vec<u8>,
     /// permessage-deflate: one inflater and one compressor per reactor, reset per message, so
@@ -93,10 +98,14 @@ impl Reactor {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let config = &shared.config;
+        // One link per node, on reactor 0: one Redis connection and one subscription per channel
+        // whatever --threads is.
         let redis = config
             .redis
             .clone()
+            .filter(|_| index == 0)
             .map(|url| RedisLink::new(url, &config.redis_prefix, REDIS, index));
+        let hub = redis.as_ref().map(|_| pubsub::Hub::new(config.threads));
         let limits = Limits {
             max_message: config.max_message,
             max_message_rate: config.max_message_rate,
@@ -123,6 +132,8 @@ impl Reactor {
             inbox,
             metrics,
             redis,
+            hub,
+            uplink: pubsub::Uplink::default(),
             scratch: vec![0; SCRATCH],
             json_scratch: Vec::new(),
             inflater: Inflater::new(),

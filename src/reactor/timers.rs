@@ -1,4 +1,5 @@
-//! Time-driven work of a reactor: the Redis link's retries, resuming accepts after EMFILE, the
+//! Time-driven work of a reactor: the Redis link's retries (and interest changes a full queue to
+//! the Redis reactor did not take), resuming accepts after EMFILE, the
 //! sweep that pings silent clients and ends idle or stalled ones, the graceful drain, and log
 //! lines that are rate-limited so a flood cannot flood the log.
 //!
@@ -65,6 +66,7 @@ impl Reactor {
             }
             self.redis_events();
         }
+        self.retry_deferred();
         let now_ms = self.clock.now_ms;
         if self
             .timers
