@@ -9,6 +9,7 @@
 //! HTTP requests and the upgrade are in [`routes`].
 
 mod conns;
+mod hub;
 mod pubsub;
 mod routes;
 mod timers;
@@ -56,7 +57,7 @@ pub struct Reactor {
     /// The node's Redis link: only on the Redis reactor (reactor 0), only with `--redis`.
     redis: Option<RedisLink>,
     /// The node's channel table for Redis, kept by the Redis reactor.
-    hub: Option<pubsub::Hub>,
+    hub: Option<hub::Hub>,
     /// This reactor's side of the node's Redis link (subscriptions awaiting confirmation).
     uplink: pubsub::Uplink,
     scratch: Vec<u8>,
@@ -105,7 +106,7 @@ impl Reactor {
             .clone()
             .filter(|_| index == 0)
             .map(|url| RedisLink::new(url, &config.redis_prefix, REDIS, index));
-        let hub = redis.as_ref().map(|_| pubsub::Hub::new(config.threads));
+        let hub = redis.as_ref().map(|_| hub::Hub::new(config.threads));
         let limits = Limits {
             max_message: config.max_message,
             max_message_rate: config.max_message_rate,

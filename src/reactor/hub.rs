@@ -1,0 +1,348 @@
+//! The node's Redis reactor (reactor 0, with `--redis`): the node-level table of channels and
+//! which reactors want each, the node's one Redis link and its events, and the replies that
+//! carry publish acks and subscription confirmations back to the reactor that asked.
+//!
+//! It subscribes a channel in Redis when the first reactor of the node wants it and unsubscribes
+//! after the last leaves, so Redis sends the node each message once; a message from Redis is
+//! framed once and its `Bytes` shared with every interested reactor, never copied.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::Reactor;
+use crate::broker::bus::{Reply, Request};
+use crate::broker::redis::RedisEvent;
+use crate::broker::Message;
+
+/// Where the node's subscription of one channel stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NodeState {
+    /// Sent (or to be sent when the link comes up), not confirmed.
+    Pending,
+    Confirmed,
+    Refused(String),
+}
+
+/// One channel in the node's table.
+struct NodeChannel {
+    /// Bit `i` set: reactor `i` has local subscribers.
+    reactors: Vec<u64>,
+    interested: usize,
+    state: NodeState,
+    /// Reactors owed a [`Reply::Subscribed`] for this channel, one entry per request.
+    waiting: Vec<usize>,
+}
+
+impl NodeChannel {
+    fn has(&self, reactor: usize) -> bool {
+        self.reactors
+            .get(reactor / 64)
+            .is_some_and(|w| w & (1 << (reactor % 64)) != 0)
+    }
+
+    /// Sets or clears reactor's bit; returns whether it changed.
+    fn set(&mut self, reactor: usize, on: bool) -> bool {
+        let Some(word) = self.reactors.get_mut(reactor / 64) else {
+            return false;
+        };
+        let bit = 1u64 << (reactor % 64);
+        let was = *word & bit != 0;
+        if on {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        if was != on {
+            if on {
+                self.interested += 1;
+            } else {
+                self.interested -= 1;
+            }
+        }
+        was != on
+    }
+}
+
+/// The node-level state only the Redis reactor keeps.
+pub(super) struct Hub {
+    channels: HashMap<Bytes, NodeChannel>,
+    /// SUBSCRIBEs sent per channel and not yet confirmed or refused, counted apart from the
+    /// table: a channel that was unsubscribed and subscribed again has two in flight, and only
+    /// the confirmation of the last one means Redis routes it to us.
+    in_flight: HashMap<Bytes, u32>,
+    words: usize,
+}
+
+impl Hub {
+    pub(super) fn new(reactors: usize) -> Hub {
+        Hub {
+            channels: HashMap::new(),
+            in_flight: HashMap::new(),
+            words: reactors.div_ceil(64),
+        }
+    }
+}
+
+impl Reactor {
+    pub(super) fn send_reply(&self, reactor: usize, reply: Reply) {
+        if let Some(r) = self.shared.reactors.get(reactor) {
+            r.mailbox.reply(reply);
+        }
+    }
+
+    /// The Redis reactor: one request from a reactor of the node (itself included).
+    pub(super) fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Interest {
+                reactor,
+                channel,
+                subscribe: true,
+            } => self.hub_subscribe(reactor, channel),
+            Request::Interest {
+                reactor,
+                channel,
+                subscribe: false,
+            } => self.hub_unsubscribe(reactor, channel),
+            Request::Publish {
+                channel,
+                payload,
+                ack,
+            } => {
+                let Some(redis) = &mut self.redis else {
+                    return;
+                };
+                let registry = self.poll.registry();
+                if let Err((refused, ack)) =
+                    redis.publish(&channel, payload, ack, registry, self.clock.now)
+                {
+                    match ack {
+                        Some(ack) => {
+                            let result = Err(refused.message().to_string());
+                            self.send_reply(ack.reactor, Reply::Published { ack, result });
+                        }
+                        None => self.metrics.publishes_dropped.inc(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Redis reactor: `reactor` has its first subscriber of `channel`. SUBSCRIBEs when it
+    /// is the node's first; answers at once unless the node's subscription is still unconfirmed.
+    fn hub_subscribe(&mut self, reactor: usize, channel: Bytes) {
+        let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
+            return;
+        };
+        let up = redis.is_up();
+        let created = !hub.channels.contains_key(&channel);
+        let words = hub.words;
+        let entry = hub
+            .channels
+            .entry(channel.clone())
+            .or_insert_with(|| NodeChannel {
+                reactors: vec![0; words],
+                interested: 0,
+                state: NodeState::Pending,
+                waiting: Vec::new(),
+            });
+        entry.set(reactor, true);
+        let answer = if !up {
+            // Made when the link comes up; until then nothing reaches the node anyway.
+            Some(Ok(()))
+        } else {
+            match &entry.state {
+                NodeState::Confirmed => Some(Ok(())),
+                NodeState::Refused(e) => Some(Err(e.clone())),
+                NodeState::Pending => {
+                    entry.waiting.push(reactor);
+                    None
+                }
+            }
+        };
+        if created && up {
+            *hub.in_flight.entry(channel.clone()).or_default() += 1;
+            redis.set_interest(
+                true,
+                std::iter::once(&channel),
+                self.poll.registry(),
+                self.clock.now,
+            );
+        }
+        self.metrics
+            .redis_subscriptions
+            .set(hub.channels.len() as u64);
+        if let Some(result) = answer {
+            self.send_reply(reactor, Reply::Subscribed { channel, result });
+        }
+    }
+
+    /// The Redis reactor: `reactor` lost its last subscriber of `channel`. UNSUBSCRIBEs when no
+    /// reactor of the node wants it any more.
+    fn hub_unsubscribe(&mut self, reactor: usize, channel: Bytes) {
+        let Some(hub) = &mut self.hub else {
+            return;
+        };
+        let Some(entry) = hub.channels.get_mut(&channel) else {
+            return;
+        };
+        entry.set(reactor, false);
+        let gone = entry.interested == 0;
+        // Its requests still waiting are answered now: it has nobody left to tell, but it counts
+        // the replies it is owed.
+        let mut owed = Vec::new();
+        entry.waiting.retain(|r| {
+            let keep = *r != reactor && !gone;
+            if !keep {
+                owed.push(*r);
+            }
+            keep
+        });
+        if gone {
+            hub.channels.remove(&channel);
+            self.metrics
+                .redis_subscriptions
+                .set(hub.channels.len() as u64);
+            if let Some(redis) = &mut self.redis {
+                redis.set_interest(
+                    false,
+                    std::iter::once(&channel),
+                    self.poll.registry(),
+                    self.clock.now,
+                );
+            }
+        }
+        for r in owed {
+            let result = Ok(());
+            let channel = channel.clone();
+            self.send_reply(r, Reply::Subscribed { channel, result });
+        }
+    }
+
+    /// The Redis reactor: Redis confirmed (or refused) one SUBSCRIBE of `channel`.
+    fn hub_settled(&mut self, channel: Bytes, result: Result<(), String>) {
+        let Some(hub) = &mut self.hub else {
+            return;
+        };
+        match hub.in_flight.get_mut(&channel) {
+            Some(n) if *n > 1 => {
+                // An older SUBSCRIBE; the one that counts is still on its way.
+                *n -= 1;
+                return;
+            }
+            Some(_) => {
+                hub.in_flight.remove(&channel);
+            }
+            None => {}
+        }
+        let Some(entry) = hub.channels.get_mut(&channel) else {
+            return;
+        };
+        entry.state = match &result {
+            Ok(()) => NodeState::Confirmed,
+            Err(e) => NodeState::Refused(e.clone()),
+        };
+        let waiting = std::mem::take(&mut entry.waiting);
+        for r in waiting {
+            let (channel, result) = (channel.clone(), result.clone());
+            self.send_reply(r, Reply::Subscribed { channel, result });
+        }
+    }
+
+    /// The Redis reactor: a message from Redis, framed once, to every interested reactor.
+    fn hub_deliver(&mut self, msg: &Message) {
+        let Some(entry) = self
+            .hub
+            .as_ref()
+            .and_then(|h| h.channels.get(&msg.channel[..]))
+        else {
+            return;
+        };
+        let mine = entry.has(self.index);
+        for (w, word) in entry.reactors.iter().enumerate() {
+            let mut bits = *word;
+            // Bounded: each pass clears one of at most 64 bits.
+            while bits != 0 {
+                let r = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if r != self.index {
+                    if let Some(peer) = self.shared.reactors.get(r) {
+                        peer.mailbox.deliver(msg.clone());
+                    }
+                }
+            }
+        }
+        if mine {
+            self.deliver(msg);
+        }
+    }
+
+    pub(super) fn on_redis_ready(&mut self, writable: bool, readable: bool) {
+        let Some(redis) = &mut self.redis else { return };
+        redis.on_ready(self.poll.registry(), self.clock.now, writable, readable);
+        self.redis_events();
+    }
+
+    /// The Redis reactor: what its link reported.
+    pub(super) fn redis_events(&mut self) {
+        while let Some(event) = self.redis.as_mut().and_then(|r| r.events.pop_front()) {
+            match event {
+                RedisEvent::Up => {
+                    let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
+                        continue;
+                    };
+                    let names: Vec<Bytes> = hub.channels.keys().cloned().collect();
+                    for name in &names {
+                        *hub.in_flight.entry(name.clone()).or_default() += 1;
+                    }
+                    redis.set_interest(true, names.iter(), self.poll.registry(), self.clock.now);
+                }
+                RedisEvent::Down => {
+                    let Some(hub) = &mut self.hub else { continue };
+                    hub.in_flight.clear();
+                    let mut owed = Vec::new();
+                    for (name, entry) in hub.channels.iter_mut() {
+                        entry.state = NodeState::Pending;
+                        for r in entry.waiting.drain(..) {
+                            owed.push((r, name.clone()));
+                        }
+                    }
+                    // Subscribed again when the link is back; nothing reaches the node meanwhile.
+                    for (r, channel) in owed {
+                        let result = Ok(());
+                        self.send_reply(r, Reply::Subscribed { channel, result });
+                    }
+                }
+                RedisEvent::Subscribed { channel } => self.hub_settled(channel, Ok(())),
+                RedisEvent::SubscribeRefused { channel, error } => {
+                    self.hub_settled(channel, Err(error))
+                }
+                RedisEvent::Message { channel, payload } => {
+                    self.metrics.redis_messages_in.inc();
+                    if payload.len() > self.limits.max_message {
+                        // Another Redis client published what no fanout client may send; passing it
+                        // on could overflow every subscriber's queue and cut the whole channel.
+                        self.metrics.redis_oversized.inc();
+                        self.log_oversized(payload.len());
+                        continue;
+                    }
+                    let text = std::str::from_utf8(&payload).is_ok();
+                    let msg = Message::new(channel, &payload, text);
+                    self.hub_deliver(&msg);
+                }
+                RedisEvent::Published { ack, result } => {
+                    self.send_reply(ack.reactor, Reply::Published { ack, result })
+                }
+            }
+        }
+        if let Some(redis) = &self.redis {
+            let up = redis.is_up();
+            if let Some(me) = self.shared.reactors.get(self.index) {
+                me.redis_up.store(up, Ordering::Release);
+            }
+            self.metrics.redis_link_up.set(up as u64);
+            self.metrics.redis_reconnects.set(redis.reconnects());
+        }
+    }
+}
