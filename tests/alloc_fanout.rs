@@ -5,46 +5,21 @@
 //! The reactor is stepped on the test thread, and the allocator counts per thread, so client-side
 //! work done between turns and other tests running in parallel are not counted.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+mod alloc_support;
 mod ops_support;
 
 use fanout::config::{Args, Config};
 use fanout::server::{build, Node};
 use ops_support::{client_frame, upgrade_request, Redis, PATIENCE, TEXT};
 
-struct CountingAlloc;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: defers every operation to the system allocator unchanged; the counter is a
-// const-initialised thread-local Cell with no destructor, so touching it never allocates.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
+static GLOBAL: alloc_support::Counting = alloc_support::Counting;
 
-fn allocations() -> u64 {
-    ALLOCATIONS.with(Cell::get)
-}
+use alloc_support::allocations;
 
 fn node(extra: &[&str]) -> Node {
     let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--threads", "1"];
