@@ -7,7 +7,7 @@
 mod alloc_support;
 mod ops_support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use ops_support::Redis;
 
 #[global_allocator]
 static GLOBAL: alloc_support::Counting = alloc_support::Counting;
+use alloc_support::drain_clients;
 
 fn node(redis: &Redis) -> Node {
     let url = redis.url();
@@ -79,19 +80,6 @@ fn connect(addr: SocketAddr) -> TcpStream {
     )
     .unwrap();
     s
-}
-
-/// Reads whatever is waiting on every client socket so their buffers never fill.
-fn drain_clients(clients: &mut [TcpStream]) {
-    let mut buf = [0u8; 4096];
-    for c in clients.iter_mut() {
-        c.set_nonblocking(true).unwrap();
-        while let Ok(n) = c.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
 }
 
 /// Connects subscribers until reactor 1 holds at least `on_peer` and reactor 0 at least one

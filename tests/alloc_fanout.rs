@@ -5,7 +5,7 @@
 //! The reactor is stepped on the test thread, and the allocator counts per thread, so client-side
 //! work done between turns and other tests running in parallel are not counted.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use ops_support::{client_frame, upgrade_request, Redis, PATIENCE, TEXT};
 #[global_allocator]
 static GLOBAL: alloc_support::Counting = alloc_support::Counting;
 
-use alloc_support::allocations;
+use alloc_support::{allocations, drain_clients};
 
 fn node(extra: &[&str]) -> Node {
     let mut args = vec!["fanout", "--listen", "127.0.0.1:0", "--threads", "1"];
@@ -75,19 +75,6 @@ fn subscribers_with(node: &mut Node, n: usize, extra: &str) -> (Vec<TcpStream>, 
         node.shared.reactors[0].metrics.accepted.get() == n as u64 + 1
     });
     (subs, publisher)
-}
-
-/// Reads whatever is waiting on every client socket so their buffers never fill.
-fn drain_clients(clients: &mut [TcpStream]) {
-    let mut buf = [0u8; 4096];
-    for c in clients.iter_mut() {
-        c.set_nonblocking(true).unwrap();
-        while let Ok(n) = c.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
 }
 
 /// Fewest allocations inside the reactor turns that deliver one message to `n` subscribers
