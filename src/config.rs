@@ -27,10 +27,19 @@ pub struct Args {
     #[arg(long, env = "FANOUT_THREADS")]
     pub threads: Option<usize>,
 
-    /// Share channels with other nodes through Redis Pub/Sub: redis://[user:password@]host:port[/db].
-    /// Without it the node brokers in-process.
+    /// Share channels with other nodes through Redis Pub/Sub: redis://[user:password@]host:port[/db]
+    /// (rediss:// for TLS). Without it (or --redis-cluster) the node brokers in-process.
     #[arg(long, env = "FANOUT_REDIS")]
     pub redis: Option<String>,
+
+    /// Share channels through a Redis Cluster with sharded Pub/Sub (SSUBSCRIBE/SPUBLISH):
+    /// redis[s]://[user:password@]host:port[,host:port...], any nodes of the cluster as seeds.
+    #[arg(long, env = "FANOUT_REDIS_CLUSTER", conflicts_with = "redis")]
+    pub redis_cluster: Option<String>,
+
+    /// PEM file of CA certificates trusted for rediss:// (in addition to the system roots).
+    #[arg(long, env = "FANOUT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
 
     /// Prefix prepended to channel names on Redis, to share a Redis with other applications.
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "")]
@@ -107,6 +116,8 @@ pub struct RedisUrl {
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+    /// `rediss://`: TLS (rustls) to this server.
+    pub tls: bool,
 }
 
 /// Validated configuration, shared read-only by every reactor.
@@ -115,6 +126,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub threads: usize,
     pub redis: Option<RedisUrl>,
+    /// `--redis-cluster`: the seed nodes (empty without it). Exclusive with `redis`.
+    pub redis_cluster: Vec<RedisUrl>,
+    pub redis_ca_file: Option<std::path::PathBuf>,
     pub redis_prefix: String,
     pub max_message: usize,
     pub max_queue: usize,
@@ -155,6 +169,24 @@ impl Config {
             ),
             _ => None,
         };
+        let redis_cluster = match &args.redis_cluster {
+            Some(seeds) if !seeds.is_empty() => RedisUrl::parse_seeds(seeds)
+                .with_context(|| format!("--redis-cluster: {:?}", redacted(seeds)))?,
+            _ => Vec::new(),
+        };
+        if redis.is_some() && !redis_cluster.is_empty() {
+            bail!("--redis-cluster: give either --redis or --redis-cluster, not both");
+        }
+        let redis_ca_file = match &args.redis_ca_file {
+            Some(path) if !path.is_empty() => {
+                let path = std::path::PathBuf::from(path);
+                if !path.is_file() {
+                    bail!("--redis-ca-file: {} is not a readable file", path.display());
+                }
+                Some(path)
+            }
+            _ => None,
+        };
         if args.redis_prefix.len() > 64 {
             bail!("--redis-prefix: longer than 64 bytes");
         }
@@ -179,6 +211,8 @@ impl Config {
             listen,
             threads,
             redis,
+            redis_cluster,
+            redis_ca_file,
             redis_prefix: args.redis_prefix,
             max_message,
             max_queue,
@@ -206,6 +240,16 @@ impl Config {
             )?,
             fault_panic_reactor: args.fault_panic_reactor,
         })
+    }
+
+    /// The Redis URLs the node connects to first: `--redis`, or the `--redis-cluster` seeds.
+    pub fn redis_urls(&self) -> impl Iterator<Item = &RedisUrl> {
+        self.redis.iter().chain(self.redis_cluster.iter())
+    }
+
+    /// Whether the node shares channels through Redis (one server or a cluster).
+    pub fn uses_redis(&self) -> bool {
+        self.redis.is_some() || !self.redis_cluster.is_empty()
     }
 
     /// A configuration for tests and benchmarks: loopback, one thread, defaults elsewhere.
@@ -238,12 +282,12 @@ fn seconds(option: &str, value: &str, min: f64) -> anyhow::Result<Duration> {
 }
 
 impl RedisUrl {
-    /// Parses `redis://[user:password@]host:port[/db]`; `rediss://` (TLS) is refused until supported.
+    /// Parses `redis[s]://[user:password@]host:port[/db]`.
     pub fn parse(url: &str) -> anyhow::Result<RedisUrl> {
-        let rest = match url.split_once("://") {
-            Some(("redis", rest)) => rest,
-            Some(("rediss", _)) => bail!("rediss:// (TLS) is not supported yet; use redis://"),
-            Some((scheme, _)) => bail!("unknown scheme {scheme:?}; expected redis://"),
+        let (rest, tls) = match url.split_once("://") {
+            Some(("redis", rest)) => (rest, false),
+            Some(("rediss", rest)) => (rest, true),
+            Some((scheme, _)) => bail!("unknown scheme {scheme:?}; expected redis:// or rediss://"),
             None => bail!("expected redis://host:port"),
         };
         let (auth, hostpart) = match rest.rsplit_once('@') {
@@ -298,7 +342,33 @@ impl RedisUrl {
             username,
             password,
             db,
+            tls,
         })
+    }
+
+    /// Parses `--redis-cluster`: `redis[s]://[auth@]host:port[,host:port...]`. Later seeds
+    /// without a scheme share the first one's scheme and credentials. A cluster has only
+    /// database 0.
+    pub fn parse_seeds(seeds: &str) -> anyhow::Result<Vec<RedisUrl>> {
+        let mut parts = seeds.split(',').map(str::trim).filter(|s| !s.is_empty());
+        let first = RedisUrl::parse(parts.next().unwrap_or(""))?;
+        let mut all = vec![first.clone()];
+        for part in parts {
+            let url = if part.contains("://") {
+                RedisUrl::parse(part)?
+            } else {
+                let scheme = if first.tls { "rediss" } else { "redis" };
+                let mut url = RedisUrl::parse(&format!("{scheme}://{part}"))?;
+                url.username.clone_from(&first.username);
+                url.password.clone_from(&first.password);
+                url
+            };
+            all.push(url);
+        }
+        if all.iter().any(|u| u.db != 0) {
+            bail!("a Redis Cluster has only database 0");
+        }
+        Ok(all)
     }
 }
 
@@ -324,7 +394,8 @@ mod tests {
                 port: 6380,
                 username: Some("user".into()),
                 password: Some("pw".into()),
-                db: 2
+                db: 2,
+                tls: false,
             }
         );
         assert_eq!(RedisUrl::parse("redis://h").unwrap().port, 6379);
@@ -336,12 +407,12 @@ mod tests {
             Some("secret")
         );
         assert_eq!(RedisUrl::parse("redis://[::1]:7000").unwrap().host, "::1");
+        assert!(RedisUrl::parse("rediss://h:1").unwrap().tls);
         assert_eq!(redacted("redis://u:secret@h:1/2"), "redis://***@h:1/2");
         assert_eq!(redacted("redis://h:1"), "redis://h:1");
         for bad in [
             "redis://secret@h:1",
             "http://h:1",
-            "rediss://h:1",
             "redis://h:0",
             "redis://h:99999",
             "redis://:1",
@@ -353,6 +424,33 @@ mod tests {
     }
 
     #[test]
+    fn cluster_seeds() {
+        let seeds = RedisUrl::parse_seeds("rediss://:pw@a:7000, b:7001,redis://c:7002").unwrap();
+        let hosts: Vec<_> = seeds
+            .iter()
+            .map(|u| (u.host.as_str(), u.port, u.tls))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a", 7000, true), ("b", 7001, true), ("c", 7002, false)]
+        );
+        assert_eq!(seeds[1].password.as_deref(), Some("pw"));
+        assert_eq!(seeds[2].password, None);
+        assert!(RedisUrl::parse_seeds("redis://a:1/3").is_err());
+        assert!(RedisUrl::parse_seeds("a:1").is_err());
+        let args = Args::parse_from(["fanout", "--redis-cluster", "redis://a:1,b:2"]);
+        assert_eq!(Config::from_args(args).unwrap().redis_cluster.len(), 2);
+        let both = Args::try_parse_from([
+            "fanout",
+            "--redis",
+            "redis://a:1",
+            "--redis-cluster",
+            "redis://b:2",
+        ]);
+        assert!(both.is_err(), "--redis and --redis-cluster together");
+    }
+
+    #[test]
     fn bad_options_are_named() {
         for (flag, value) in [
             ("--threads", "0"),
@@ -360,6 +458,8 @@ mod tests {
             ("--listen", "nope"),
             ("--ping-interval", "-1"),
             ("--redis", "http://x:1"),
+            ("--redis-cluster", "redis://x:1/2"),
+            ("--redis-ca-file", "/nonexistent/ca.pem"),
             ("--log-level", "loud"),
         ] {
             let args = Args::parse_from(["fanout".to_string(), format!("{flag}={value}")]);

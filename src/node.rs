@@ -31,24 +31,28 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Open WebSockets on the node, for `--max-connections`.
     pub open_ws: AtomicUsize,
-    redis_addr: Mutex<Option<SocketAddr>>,
+    /// The Redis seed addresses (one with `--redis`), resolved by the supervisor.
+    redis_addrs: Mutex<Vec<SocketAddr>>,
 }
 
 impl Shared {
     pub fn new(config: Config, reactors: Vec<ReactorShared>) -> Shared {
         // A literal IP needs no resolution: reactors can connect before the supervisor runs.
-        let literal = config.redis.as_ref().and_then(|u| {
-            u.host
-                .parse::<std::net::IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, u.port))
-        });
+        let literal = config
+            .redis_urls()
+            .filter_map(|u| {
+                u.host
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, u.port))
+            })
+            .collect();
         Shared {
             config,
             reactors,
             draining: AtomicBool::new(false),
             open_ws: AtomicUsize::new(0),
-            redis_addr: Mutex::new(literal),
+            redis_addrs: Mutex::new(literal),
         }
     }
 
@@ -72,35 +76,43 @@ impl Shared {
         let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
         metrics::render(
             &all,
-            self.config.redis.is_some(),
+            self.config.uses_redis(),
             self.draining.load(Ordering::Acquire),
         )
     }
 
     /// The Redis address the supervisor last resolved (a lock taken only on reconnect).
     pub fn redis_addr(&self) -> Option<SocketAddr> {
-        *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner())
+        self.redis_seed_addrs().first().copied()
     }
 
-    /// Resolves the Redis host (blocking DNS: only ever called by the supervisor thread).
+    /// The Redis seed addresses the supervisor last resolved, in the order given.
+    pub fn redis_seed_addrs(&self) -> Vec<SocketAddr> {
+        self.redis_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Resolves the Redis hosts (blocking DNS: only ever called by the supervisor thread). A
+    /// host that does not resolve keeps its last address.
     pub fn resolve_redis(&self) {
-        let Some(url) = &self.config.redis else {
-            return;
-        };
-        match (url.host.as_str(), url.port).to_socket_addrs() {
-            Ok(mut addrs) => {
-                if let Some(addr) = addrs.next() {
-                    *self.redis_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
-                }
+        let mut resolved = Vec::new();
+        for url in self.config.redis_urls() {
+            match (url.host.as_str(), url.port).to_socket_addrs() {
+                Ok(mut addrs) => resolved.extend(addrs.next()),
+                Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
             }
-            Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
+        }
+        if !resolved.is_empty() {
+            *self.redis_addrs.lock().unwrap_or_else(|e| e.into_inner()) = resolved;
         }
     }
 
     /// Whether the node's Redis link is up (always, without `--redis`). Only the Redis reactor,
     /// reactor 0, holds a link and sets its `redis_up`.
     pub fn redis_link_up(&self) -> bool {
-        self.config.redis.is_none()
+        !self.config.uses_redis()
             || self
                 .reactors
                 .first()

@@ -75,7 +75,7 @@ pub(super) struct Uplink {
 
 impl Reactor {
     fn redis_mode(&self) -> bool {
-        self.shared.config.redis.is_some()
+        self.shared.config.uses_redis()
     }
 
     /// Carries out the requests parsed from one read, in order, while the connection stays open.
