@@ -98,8 +98,13 @@ pub struct ReactorMetrics {
     pub redis_messages_in: Counter,
     pub redis_oversized: Counter,
     pub redis_reconnects: Counter,
-    /// 1 while this reactor's Redis link is up (only the node's Redis reactor has one).
+    /// Redis links of the node that are up (only the node's Redis reactor holds links).
     pub redis_link_up: Counter,
+    /// Redis links the node keeps: 1, or one per shard master of a Redis Cluster.
+    pub redis_links: Counter,
+    pub redis_cluster_shards: Counter,
+    pub redis_cluster_moved: Counter,
+    pub redis_cluster_refreshes: Counter,
     /// Channels the node is subscribed to in Redis (kept by the Redis reactor).
     pub redis_subscriptions: Counter,
     pub publishes_dropped: Counter,
@@ -132,7 +137,16 @@ impl ReactorMetrics {
 }
 
 /// Renders the Prometheus text exposition of all reactors' counters, summed.
-pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool) -> String {
+/// Which Redis the node uses, for which metrics are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisKind {
+    None,
+    Single,
+    Cluster,
+}
+
+pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) -> String {
+    let redis_enabled = redis != RedisKind::None;
     let mut out = String::with_capacity(4096);
     let sum = |f: &dyn Fn(&ReactorMetrics) -> u64| -> u64 { reactors.iter().map(|m| f(m)).sum() };
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
@@ -231,20 +245,40 @@ pub fn render(reactors: &[&ReactorMetrics], redis_enabled: bool, draining: bool)
         metric(
             "fanout_redis_links_up",
             "gauge",
-            "Redis links of this node that are up (0 or 1).",
+            "Redis links of this node that are up.",
             sum(&|m| m.redis_link_up.get()),
         );
         metric(
             "fanout_redis_links",
             "gauge",
-            "Redis links this node keeps: one, held by reactor 0, whatever the number of reactors.",
-            1,
+            "Redis links this node keeps, all on reactor 0 whatever the number of reactors: one, or one per master of a Redis Cluster.",
+            sum(&|m| m.redis_links.get()),
         );
         metric(
             "fanout_redis_subscriptions",
             "gauge",
             "Channels this node is subscribed to in Redis (one subscription per channel per node).",
             sum(&|m| m.redis_subscriptions.get()),
+        );
+    }
+    if redis == RedisKind::Cluster {
+        metric(
+            "fanout_redis_cluster_shards",
+            "gauge",
+            "Shards (masters owning slots) in the node's map of the Redis Cluster.",
+            sum(&|m| m.redis_cluster_shards.get()),
+        );
+        metric(
+            "fanout_redis_cluster_moved_total",
+            "counter",
+            "Publishes answered MOVED and sent again to the master named.",
+            sum(&|m| m.redis_cluster_moved.get()),
+        );
+        metric(
+            "fanout_redis_cluster_refreshes_total",
+            "counter",
+            "Maps of the cluster read (CLUSTER SHARDS).",
+            sum(&|m| m.redis_cluster_refreshes.get()),
         );
     }
     metric(
@@ -297,7 +331,7 @@ mod tests {
         a.closed(CloseReason::SlowConsumer);
         b.http_response(404);
         b.http_response(999);
-        let text = render(&[&a, &b], false, false);
+        let text = render(&[&a, &b], RedisKind::None, false);
         assert!(text.contains("fanout_connections_open 4\n"));
         assert!(text.contains("fanout_connections_closed_total{reason=\"slow_consumer\"} 1\n"));
         assert!(text.contains("fanout_http_responses_total{status=\"404\"} 1\n"));

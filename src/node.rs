@@ -76,17 +76,19 @@ impl Shared {
         let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
         metrics::render(
             &all,
-            self.config.uses_redis(),
+            if !self.config.redis_cluster.is_empty() {
+                metrics::RedisKind::Cluster
+            } else if self.config.redis.is_some() {
+                metrics::RedisKind::Single
+            } else {
+                metrics::RedisKind::None
+            },
             self.draining.load(Ordering::Acquire),
         )
     }
 
-    /// The Redis address the supervisor last resolved (a lock taken only on reconnect).
-    pub fn redis_addr(&self) -> Option<SocketAddr> {
-        self.redis_seed_addrs().first().copied()
-    }
-
-    /// The Redis seed addresses the supervisor last resolved, in the order given.
+    /// The Redis addresses the supervisor last resolved, in the order given (a lock taken only
+    /// when a link is about to connect).
     pub fn redis_seed_addrs(&self) -> Vec<SocketAddr> {
         self.redis_addrs
             .lock()

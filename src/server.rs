@@ -20,6 +20,23 @@ use crate::metrics::ReactorMetrics;
 pub use crate::node::{ReactorShared, Shared};
 use crate::reactor::{Reactor, WAKER};
 
+/// How the startup line names the broker: embedded, one Redis, or a cluster's seeds.
+fn broker_description(config: &Config) -> String {
+    let url = |u: &crate::config::RedisUrl| {
+        let scheme = if u.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{}:{}", u.host, u.port)
+    };
+    match (&config.redis, config.redis_cluster.as_slice()) {
+        (Some(u), _) => format!("{}/{} prefix={:?}", url(u), u.db, config.redis_prefix),
+        (None, []) => "embedded".to_string(),
+        (None, seeds) => format!(
+            "redis-cluster seeds={} prefix={:?}",
+            seeds.iter().map(url).collect::<Vec<_>>().join(","),
+            config.redis_prefix
+        ),
+    }
+}
+
 /// Exit status when a reactor thread died: the node is no longer whole, so it stops and lets
 /// its supervisor (Kubernetes, systemd) start a fresh one rather than limp on unnoticed.
 pub const EXIT_REACTOR_DIED: i32 = 70;
@@ -119,7 +136,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.listen,
         config.threads,
-        config.redis.as_ref().map_or("embedded".to_string(), |u| format!("redis://{}:{}/{} prefix={:?}", u.host, u.port, u.db, config.redis_prefix)),
+        broker_description(&config),
         config.max_message,
         config.max_queue,
         config.max_subscriptions,

@@ -678,7 +678,6 @@ fn refused(url: &str) -> (Option<i32>, String) {
 #[test]
 fn bad_redis_urls_are_refused_at_start() {
     for (url, why) in [
-        ("rediss://127.0.0.1:6379", "TLS"),
         ("http://x", "scheme"),
         ("redis://127.0.0.1:99999", "port"),
         ("redis://127.0.0.1:0", "port"),
@@ -697,6 +696,35 @@ fn bad_redis_urls_are_refused_at_start() {
         assert!(
             !stderr.contains("hunter2"),
             "{url}: a password must not be echoed: {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_redis_cluster_options_are_refused_at_start() {
+    for (args, why) in [
+        (
+            &["--redis-cluster", "redis://127.0.0.1:7000/2"][..],
+            "database 0",
+        ),
+        (&["--redis-cluster", "redis://127.0.0.1:7000,h:0"], "port"),
+        (
+            &[
+                "--redis-cluster",
+                "redis://127.0.0.1:7000",
+                "--redis",
+                "redis://127.0.0.1:6379",
+            ],
+            "--redis",
+        ),
+    ] {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let (code, _, stderr) = ops_support::run_to_exit(&all, &[]);
+        assert_eq!(code, Some(2), "{args:?}: exit status; stderr {stderr:?}");
+        assert!(
+            stderr.contains("--redis-cluster") && stderr.contains(why),
+            "{args:?}: stderr should name --redis-cluster and say {why:?}: {stderr:?}"
         );
     }
 }

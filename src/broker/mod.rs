@@ -7,7 +7,10 @@
 
 pub mod bus;
 pub mod channels;
+pub mod cluster;
 pub mod redis;
+pub mod slots;
+pub mod upstream;
 
 use bytes::{BufMut, Bytes};
 

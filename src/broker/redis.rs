@@ -9,6 +9,11 @@
 //!
 //! Failures never panic and never block: the link goes down, fails what was waiting on it, and
 //! reconnects with capped exponential backoff; the reactor re-subscribes when it is up again.
+//!
+//! A *sharded* link ([`RedisLink::sharded`]) is one connection to one master of a Redis Cluster
+//! ([`crate::broker::cluster`] holds one per shard): it speaks SSUBSCRIBE/SPUBLISH, one channel
+//! per command (channels of one command must share a slot), reports `MOVED` publishes with what
+//! is needed to resend them, and takes a `sunsubscribe` it did not ask for as a slot migration.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -54,7 +59,14 @@ enum Pending {
     Hello,
     Select,
     Ping,
-    Publish(Option<Ack>),
+    /// `resend` (sharded links only): the channel and payload, to publish again on the shard a
+    /// `MOVED` reply names.
+    Publish {
+        ack: Option<Ack>,
+        resend: Option<(Bytes, Bytes)>,
+    },
+    /// CLUSTER SHARDS: its reply is handed over whole as [`RedisEvent::Topology`].
+    Topology,
     /// A SUBSCRIBE or UNSUBSCRIBE: answered by one push confirmation per channel, or by one
     /// error for the whole command (an ACL that denies one channel refuses them all). Tracked
     /// so such an error is not taken for the reply to the next command.
@@ -83,6 +95,21 @@ pub enum RedisEvent {
         ack: Ack,
         result: Result<(), String>,
     },
+    /// The reply to a CLUSTER SHARDS (sharded links).
+    Topology(Result<BytesFrame, String>),
+    /// Redis dropped our subscription of `channel` by itself (sharded links: its slot moved).
+    Migrated { channel: Bytes },
+    /// An SPUBLISH was answered `MOVED`: `slot` now lives at `addr`; publish there again.
+    Moved {
+        slot: u16,
+        addr: SocketAddr,
+        channel: Bytes,
+        payload: Bytes,
+        ack: Option<Ack>,
+    },
+    /// The node is no longer subscribed to these channels (a shard's link went down, or the
+    /// channels' slots are moving); the cluster subscribes them again where they live now.
+    Lost { channels: Vec<Bytes> },
 }
 
 /// Why a publish was not sent.
@@ -121,6 +148,8 @@ enum State {
 
 pub struct RedisLink {
     url: RedisUrl,
+    /// A shard link of a Redis Cluster: SSUBSCRIBE/SPUBLISH, see the module comment.
+    sharded: bool,
     prefix: Bytes,
     token: Token,
     state: State,
@@ -161,6 +190,7 @@ impl RedisLink {
         let seed = nanos ^ ((std::process::id() as u64) << 32) ^ (reactor as u64).rotate_left(17);
         RedisLink {
             url,
+            sharded: false,
             prefix: Bytes::copy_from_slice(prefix.as_bytes()),
             token,
             state: State::Down {
@@ -179,6 +209,12 @@ impl RedisLink {
             last_warning: None,
             jitter: seed,
         }
+    }
+
+    /// Makes this a shard link of a Redis Cluster (see the module comment).
+    pub fn sharded(mut self) -> RedisLink {
+        self.sharded = true;
+        self
     }
 
     pub fn is_up(&self) -> bool {
@@ -271,7 +307,7 @@ impl RedisLink {
             self.attempt_failed(now, why);
         }
         for (pending, _) in self.pending.drain(..) {
-            if let Pending::Publish(Some(ack)) = pending {
+            if let Pending::Publish { ack: Some(ack), .. } = pending {
                 self.events.push_back(RedisEvent::Published {
                     ack,
                     result: Err(format!(
@@ -411,6 +447,19 @@ impl RedisLink {
     }
 
     fn on_frame(&mut self, frame: BytesFrame, now: Instant) -> Result<(), String> {
+        let is_push = matches!(frame, BytesFrame::Push { .. });
+        if !is_push && matches!(self.pending.front(), Some((Pending::Topology, _))) {
+            self.pending.pop_front();
+            let reply = match frame {
+                BytesFrame::SimpleError { data, .. } => Err(data.to_string()),
+                BytesFrame::BlobError { data, .. } => {
+                    Err(String::from_utf8_lossy(&data).into_owned())
+                }
+                other => Ok(other),
+            };
+            self.events.push_back(RedisEvent::Topology(reply));
+            return Ok(());
+        }
         match frame {
             BytesFrame::Push { data, .. } => self.on_push(data),
             BytesFrame::SimpleError { data, .. } => self.on_reply(Err(data.to_string()), now),
@@ -428,7 +477,20 @@ impl RedisLink {
                     .push_back(RedisEvent::Message { channel, payload });
                 Ok(())
             }
-            Push::Confirmation { subscribe, channel } => self.on_confirmation(subscribe, channel),
+            Push::Confirmation { subscribe, channel } => {
+                let ours = matches!(
+                    self.pending.front(),
+                    Some((Pending::Interest { subscribe: s, .. }, _)) if *s == subscribe
+                );
+                if self.sharded && !subscribe && !ours {
+                    // Nobody asked: Redis moved the channel's slot to another shard.
+                    if let Some(channel) = self.local_name(&channel) {
+                        self.events.push_back(RedisEvent::Migrated { channel });
+                    }
+                    return Ok(());
+                }
+                self.on_confirmation(subscribe, channel)
+            }
             Push::Other => Ok(()),
         }
     }
@@ -510,15 +572,21 @@ impl RedisLink {
                 }
             }
         }
-        let verb = if subscribe {
-            "SUBSCRIBE"
-        } else {
-            "UNSUBSCRIBE"
+        let verb = match (self.sharded, subscribe) {
+            (false, true) => "SUBSCRIBE",
+            (false, false) => "UNSUBSCRIBE",
+            (true, true) => "SSUBSCRIBE",
+            (true, false) => "SUNSUBSCRIBE",
         };
-        log::warn!(
-            "redis: {verb} {} refused: {error}; this node gets no messages from Redis for it",
-            names.join(" ")
-        );
+        if self.sharded && is_redirect(error) {
+            // The cluster is moving or failing over: the cluster layer routes it again.
+            log::debug!("redis: {verb} {} answered {error}", names.join(" "));
+        } else {
+            log::warn!(
+                "redis: {verb} {} refused: {error}; this node gets no messages from Redis for it",
+                names.join(" ")
+            );
+        }
     }
 
     fn on_reply(&mut self, result: Result<(), String>, now: Instant) -> Result<(), String> {
@@ -528,7 +596,23 @@ impl RedisLink {
             ));
         };
         match (pending, result) {
-            (Pending::Publish(ack), result) => {
+            (
+                Pending::Publish {
+                    ack,
+                    resend: Some((channel, payload)),
+                },
+                Err(e),
+            ) if e.starts_with("MOVED ") => match crate::broker::slots::parse_moved(&e) {
+                Some((slot, addr)) => self.events.push_back(RedisEvent::Moved {
+                    slot,
+                    addr,
+                    channel,
+                    payload,
+                    ack,
+                }),
+                None => return Err(format!("unparseable redirect {e:?}")),
+            },
+            (Pending::Publish { ack, .. }, result) => {
                 if let Some(ack) = ack {
                     self.events.push_back(RedisEvent::Published { ack, result });
                 } else if let Err(e) = result {
@@ -562,6 +646,7 @@ impl RedisLink {
                 ))
             }
             (Pending::Ping, Err(e)) => return Err(format!("PING refused: {e}")),
+            (Pending::Topology, _) => unreachable!("topology replies are taken in on_frame"),
             (Pending::Ping, Ok(())) => {}
             (Pending::Hello | Pending::Select, Ok(())) => {
                 let waiting_handshake = self
@@ -617,13 +702,45 @@ impl RedisLink {
             return Err((Refused::Backlog, ack));
         }
         let name = self.redis_name(channel);
+        let (verb, resend): (&'static [u8], _) = if self.sharded {
+            (
+                b"SPUBLISH",
+                Some((Bytes::copy_from_slice(channel), payload.clone())),
+            )
+        } else {
+            (b"PUBLISH", None)
+        };
         encode_command(
             &mut self.write_buf,
-            [Bytes::from_static(b"PUBLISH"), name, payload].into_iter(),
+            [Bytes::from_static(verb), name, payload].into_iter(),
         );
-        self.pending.push_back((Pending::Publish(ack), now));
+        self.pending
+            .push_back((Pending::Publish { ack, resend }, now));
         self.flush(registry, now);
         Ok(())
+    }
+
+    /// Asks for the cluster's shards (CLUSTER SHARDS); the answer comes as
+    /// [`RedisEvent::Topology`]. `false` if the link is not up.
+    pub fn request_topology(&mut self, registry: &Registry, now: Instant) -> bool {
+        if !self.is_up() {
+            return false;
+        }
+        self.command(&[b"CLUSTER", b"SHARDS"], Pending::Topology, now);
+        self.flush(registry, now);
+        true
+    }
+
+    /// Whether a CLUSTER SHARDS sent on this link is still unanswered.
+    pub fn topology_pending(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|(p, _)| matches!(p, Pending::Topology))
+    }
+
+    /// Closes the link for good (the shard is gone): what was waiting fails as if the link broke.
+    pub fn close(&mut self, registry: &Registry, now: Instant, why: &str) {
+        self.fail(registry, now, why);
     }
 
     /// SUBSCRIBE (or UNSUBSCRIBE) for channels; a no-op while down (the reactor re-subscribes on `Up`).
@@ -637,10 +754,12 @@ impl RedisLink {
         if !self.is_up() {
             return;
         }
+        // Channels of one SSUBSCRIBE must share a slot: a sharded link sends one per channel.
+        let most = if self.sharded { 1 } else { 1000 };
         let mut batch: Vec<Bytes> = Vec::new();
         for name in channels {
             batch.push(self.redis_name(name));
-            if batch.len() == 1000 {
+            if batch.len() == most {
                 self.interest_command(subscribe, std::mem::take(&mut batch), now);
             }
         }
@@ -652,10 +771,11 @@ impl RedisLink {
 
     /// Queues one SUBSCRIBE or UNSUBSCRIBE for `channels` (Redis names, prefix included).
     fn interest_command(&mut self, subscribe: bool, channels: Vec<Bytes>, now: Instant) {
-        let verb: &'static [u8] = if subscribe {
-            b"SUBSCRIBE"
-        } else {
-            b"UNSUBSCRIBE"
+        let verb: &'static [u8] = match (self.sharded, subscribe) {
+            (false, true) => b"SUBSCRIBE",
+            (false, false) => b"UNSUBSCRIBE",
+            (true, true) => b"SSUBSCRIBE",
+            (true, false) => b"SUNSUBSCRIBE",
         };
         encode_command(
             &mut self.write_buf,
@@ -733,9 +853,9 @@ pub fn classify_push(mut data: Vec<BytesFrame>, prefix: &[u8]) -> Push {
         Push::Confirmation { subscribe, channel }
     };
     match &kind[..] {
-        b"message" if data.len() == 3 => {}
-        b"subscribe" => return confirmed(true),
-        b"unsubscribe" => return confirmed(false),
+        b"message" | b"smessage" if data.len() == 3 => {}
+        b"subscribe" | b"ssubscribe" => return confirmed(true),
+        b"unsubscribe" | b"sunsubscribe" => return confirmed(false),
         _ => return Push::Other,
     }
     let (
@@ -752,6 +872,13 @@ pub fn classify_push(mut data: Vec<BytesFrame>, prefix: &[u8]) -> Push {
         channel: channel.slice(prefix.len()..),
         payload,
     }
+}
+
+/// Errors a cluster answers while it moves or fails over: routed again, not reported.
+pub fn is_redirect(error: &str) -> bool {
+    ["MOVED ", "ASK ", "CLUSTERDOWN", "TRYAGAIN"]
+        .iter()
+        .any(|p| error.starts_with(p))
 }
 
 fn encode_command(buf: &mut BytesMut, args: impl Iterator<Item = Bytes>) {

@@ -1,6 +1,7 @@
-//! The node's Redis reactor (reactor 0, with `--redis`): the node-level table of channels and
-//! which reactors want each, the node's one Redis link and its events, and the replies that
-//! carry publish acks and subscription confirmations back to the reactor that asked.
+//! The node's Redis reactor (reactor 0, with `--redis` or `--redis-cluster`): the node-level
+//! table of channels and which reactors want each, the node's Redis link (or shard links) and
+//! their events, and the replies that carry publish acks and subscription confirmations back to
+//! the reactor that asked.
 //!
 //! It subscribes a channel in Redis when the first reactor of the node wants it and unsubscribes
 //! after the last leaves, so Redis sends the node each message once; a message from Redis is
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use mio::Token;
 
 use super::Reactor;
 use crate::broker::bus::{Reply, Request};
@@ -135,7 +137,7 @@ impl Reactor {
         let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
             return;
         };
-        let up = redis.is_up();
+        let up = redis.can_subscribe(&channel);
         let created = !hub.channels.contains_key(&channel);
         let words = hub.words;
         let entry = hub
@@ -161,8 +163,12 @@ impl Reactor {
                 }
             }
         };
-        if created && up {
-            *hub.in_flight.entry(channel.clone()).or_default() += 1;
+        if created {
+            if up {
+                *hub.in_flight.entry(channel.clone()).or_default() += 1;
+            }
+            // A single link that is down ignores this (it subscribes everything on `Up`); a
+            // cluster remembers it for when the shard is reachable.
             redis.set_interest(
                 true,
                 std::iter::once(&channel),
@@ -278,15 +284,48 @@ impl Reactor {
         }
     }
 
-    pub(super) fn on_redis_ready(&mut self, writable: bool, readable: bool) {
+    pub(super) fn on_redis_ready(&mut self, token: Token, writable: bool, readable: bool) {
         let Some(redis) = &mut self.redis else { return };
-        redis.on_ready(self.poll.registry(), self.clock.now, writable, readable);
+        redis.on_ready(
+            token,
+            self.poll.registry(),
+            self.clock.now,
+            writable,
+            readable,
+        );
         self.redis_events();
+    }
+
+    pub(super) fn continue_redis_reads(&mut self) {
+        let Some(redis) = &mut self.redis else { return };
+        redis.continue_reads(self.poll.registry(), self.clock.now);
+        self.redis_events();
+    }
+
+    /// The Redis reactor: these channels are no longer subscribed in Redis (a shard went down
+    /// or the slot moved); the cluster subscribes them again. Until then a subscribe waits for
+    /// nothing, as with a link that is down.
+    fn hub_lost(&mut self, channels: Vec<Bytes>) {
+        let Some(hub) = &mut self.hub else { return };
+        let mut owed = Vec::new();
+        for channel in channels {
+            hub.in_flight.remove(&channel);
+            if let Some(entry) = hub.channels.get_mut(&channel) {
+                entry.state = NodeState::Pending;
+                for r in entry.waiting.drain(..) {
+                    owed.push((r, channel.clone()));
+                }
+            }
+        }
+        for (r, channel) in owed {
+            let result = Ok(());
+            self.send_reply(r, Reply::Subscribed { channel, result });
+        }
     }
 
     /// The Redis reactor: what its link reported.
     pub(super) fn redis_events(&mut self) {
-        while let Some(event) = self.redis.as_mut().and_then(|r| r.events.pop_front()) {
+        while let Some(event) = self.redis.as_mut().and_then(|r| r.next_event()) {
             match event {
                 RedisEvent::Up => {
                     let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
@@ -334,6 +373,11 @@ impl Reactor {
                 RedisEvent::Published { ack, result } => {
                     self.send_reply(ack.reactor, Reply::Published { ack, result })
                 }
+                RedisEvent::Lost { channels } => self.hub_lost(channels),
+                // Handled inside the cluster's own links.
+                RedisEvent::Topology(_)
+                | RedisEvent::Migrated { .. }
+                | RedisEvent::Moved { .. } => {}
             }
         }
         if let Some(redis) = &self.redis {
@@ -341,8 +385,14 @@ impl Reactor {
             if let Some(me) = self.shared.reactors.get(self.index) {
                 me.redis_up.store(up, Ordering::Release);
             }
-            self.metrics.redis_link_up.set(up as u64);
-            self.metrics.redis_reconnects.set(redis.reconnects());
+            let counts = redis.counts();
+            let m = &self.metrics;
+            m.redis_link_up.set(counts.up);
+            m.redis_links.set(counts.wanted);
+            m.redis_reconnects.set(counts.reconnects);
+            m.redis_cluster_shards.set(counts.shards);
+            m.redis_cluster_moved.set(counts.moved);
+            m.redis_cluster_refreshes.set(counts.refreshes);
         }
     }
 }

@@ -24,7 +24,9 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::broker::bus::Inbox;
 use crate::broker::channels::Channels;
+use crate::broker::cluster::RedisCluster;
 use crate::broker::redis::RedisLink;
+use crate::broker::upstream::Upstream;
 use crate::connection::{AfterFlush, Close, Connection, LeftOpen, Limits, ParseContext, Timeouts};
 use crate::metrics::{CloseReason, ReactorMetrics};
 use crate::node::Shared;
@@ -35,6 +37,8 @@ use timers::Drain;
 pub const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 const REDIS: Token = Token(usize::MAX - 3);
+/// Shard links of a Redis Cluster take the tokens from here down (`cluster::MAX_LINKS` of them).
+const REDIS_SHARDS: Token = Token(usize::MAX - 16);
 
 /// Size of the per-reactor read buffer every connection borrows.
 const SCRATCH: usize = 64 * 1024;
@@ -54,8 +58,9 @@ pub struct Reactor {
     inbox: Inbox,
     shared: Arc<Shared>,
     metrics: Arc<ReactorMetrics>,
-    /// The node's Redis link: only on the Redis reactor (reactor 0), only with `--redis`.
-    redis: Option<RedisLink>,
+    /// The node's Redis link (or links, one per shard of a cluster): only on the Redis reactor
+    /// (reactor 0), only with `--redis` or `--redis-cluster`.
+    redis: Option<Upstream>,
     /// The node's channel table for Redis, kept by the Redis reactor.
     hub: Option<hub::Hub>,
     /// This reactor's side of the node's Redis link (subscriptions awaiting confirmation).
@@ -101,11 +106,22 @@ impl Reactor {
         let config = &shared.config;
         // One link per node, on reactor 0: one Redis connection and one subscription per channel
         // whatever --threads is.
-        let redis = config
-            .redis
-            .clone()
-            .filter(|_| index == 0)
-            .map(|url| RedisLink::new(url, &config.redis_prefix, REDIS, index));
+        let redis = match (&config.redis, config.redis_cluster.is_empty()) {
+            _ if index != 0 => None,
+            (Some(url), _) => Some(Upstream::Single(RedisLink::new(
+                url.clone(),
+                &config.redis_prefix,
+                REDIS,
+                index,
+            ))),
+            (None, false) => Some(Upstream::Cluster(RedisCluster::new(
+                &config.redis_cluster,
+                &config.redis_prefix,
+                REDIS_SHARDS,
+                index,
+            ))),
+            (None, true) => None,
+        };
         let hub = redis.as_ref().map(|_| hub::Hub::new(config.threads));
         let limits = Limits {
             max_message: config.max_message,
@@ -172,7 +188,8 @@ impl Reactor {
 
     /// One pass of the loop. `timeout` overrides the normal tick (tests step reactors by hand).
     pub fn turn(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
-        let busy = !self.read_again.is_empty() || self.redis.as_ref().is_some_and(|r| r.read_again);
+        let busy =
+            !self.read_again.is_empty() || self.redis.as_ref().is_some_and(|r| r.read_again());
         let wait = if busy {
             Duration::ZERO
         } else {
@@ -190,10 +207,12 @@ impl Reactor {
             match event.token() {
                 LISTENER => self.accept(),
                 WAKER => self.drain_inbox(),
-                REDIS => self.on_redis_ready(
-                    event.is_writable(),
-                    event.is_readable() || event.is_read_closed() || event.is_error(),
-                ),
+                token if self.redis.as_ref().is_some_and(|r| r.owns(token, REDIS)) => self
+                    .on_redis_ready(
+                        token,
+                        event.is_writable(),
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                    ),
                 Token(key) => {
                     if event.is_writable() {
                         self.mark_dirty(key);
@@ -207,8 +226,8 @@ impl Reactor {
         for key in std::mem::take(&mut self.read_again) {
             self.read(key);
         }
-        if self.redis.as_ref().is_some_and(|r| r.read_again) {
-            self.on_redis_ready(false, false);
+        if self.redis.as_ref().is_some_and(|r| r.read_again()) {
+            self.continue_redis_reads();
         }
         self.run_timers();
         self.flush_dirty();

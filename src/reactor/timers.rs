@@ -62,7 +62,9 @@ impl Reactor {
         if self.redis.is_some() {
             let shared = self.shared.clone();
             if let Some(redis) = &mut self.redis {
-                redis.tick(self.clock.now, self.poll.registry(), || shared.redis_addr());
+                redis.tick(self.clock.now, self.poll.registry(), || {
+                    shared.redis_seed_addrs()
+                });
             }
             self.redis_events();
         }
