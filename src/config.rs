@@ -102,6 +102,9 @@ pub struct Args {
     #[arg(long, env = "FANOUT_COMPRESSION_MIN_BYTES", default_value = "256")]
     pub compression_min_bytes: String,
 
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
+
     /// Fault injection for the test suite (like Redis's DEBUG SEGFAULT): reactor N panics when it
     /// completes its first WebSocket upgrade, to prove a dead reactor ends the process.
     #[arg(long, env = "FANOUT_FAULT_PANIC_REACTOR", hide = true)]
@@ -144,6 +147,8 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     pub compression: bool,
     pub compression_min_bytes: usize,
+    /// Connection tokens: the keys, whether they are required, the per-user limit.
+    pub auth: std::sync::Arc<crate::auth::Verifier>,
     /// Hidden `--fault-panic-reactor`: which reactor panics on its first upgrade (tests only).
     pub fault_panic_reactor: Option<usize>,
 }
@@ -238,6 +243,7 @@ impl Config {
                 0,
                 1 << 30,
             )?,
+            auth: crate::auth::Verifier::from_args(&args.auth)?,
             fault_panic_reactor: args.fault_panic_reactor,
         })
     }

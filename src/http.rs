@@ -34,6 +34,8 @@ pub struct Request {
     /// Every `Sec-WebSocket-Extensions` header value, in order.
     pub ws_extensions: Vec<String>,
     pub origin: Option<String>,
+    /// The credentials of `Authorization: Bearer TOKEN`.
+    pub bearer: Option<String>,
     pub has_body: bool,
 }
 
@@ -94,6 +96,13 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Response> {
             out.ws_extensions.push(value());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let v = value();
+            if let Some((scheme, token)) = v.split_once(' ') {
+                if scheme.eq_ignore_ascii_case("bearer") {
+                    out.bearer = Some(token.trim().to_string());
+                }
+            }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-length") && value() != "0")
         {

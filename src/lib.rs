@@ -13,7 +13,9 @@
 //! - [`broker`]: the per-reactor channel table, the cross-reactor bus and the Redis link.
 //! - [`metrics`]: per-reactor counters summed at scrape time, Prometheus exposition.
 //! - [`config`]: command-line flags and their environment-variable equivalents.
+//! - [`auth`]: connection tokens (JWT): who a client is and what its token lets it do.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;

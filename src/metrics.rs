@@ -25,10 +25,12 @@ pub enum CloseReason {
     Shutdown,
     /// The socket failed (reset, broken pipe).
     IoError,
+    /// Its token expired (4001) or its token's rules refused what it asked (4003).
+    Auth,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Client,
         CloseReason::Protocol,
         CloseReason::SlowConsumer,
@@ -36,6 +38,7 @@ impl CloseReason {
         CloseReason::RateLimit,
         CloseReason::Shutdown,
         CloseReason::IoError,
+        CloseReason::Auth,
     ];
 
     pub fn label(self) -> &'static str {
@@ -47,6 +50,7 @@ impl CloseReason {
             CloseReason::RateLimit => "rate_limit",
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
+            CloseReason::Auth => "auth",
         }
     }
 
@@ -59,7 +63,7 @@ impl CloseReason {
 }
 
 /// HTTP statuses fanout answers with; anything else is counted as "other".
-const STATUSES: [u16; 12] = [101, 200, 400, 403, 404, 405, 408, 413, 426, 431, 500, 503];
+const STATUSES: [u16; 14] = [101, 200, 400, 401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 503];
 
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
@@ -85,7 +89,7 @@ impl Counter {
 #[derive(Default, Debug)]
 pub struct ReactorMetrics {
     pub accepted: Counter,
-    closed: [Counter; 7],
+    closed: [Counter; 8],
     pub refused: Counter,
     pub handshake_timeouts: Counter,
     pub messages_in: Counter,

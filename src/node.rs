@@ -6,6 +6,7 @@
 //! per message. It lives apart from both the reactor and the supervisor (`server`) so that
 //! neither has to import the other.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,9 @@ pub struct Shared {
     pub open_ws: AtomicUsize,
     /// The Redis seed addresses (one with `--redis`), resolved by the supervisor.
     redis_addrs: Mutex<Vec<SocketAddr>>,
+    /// Open WebSockets per user (token `sub`), for `--max-connections-per-user`; only kept when
+    /// that limit is set, and only touched when a WebSocket opens or closes.
+    per_user: Mutex<HashMap<Box<str>, usize>>,
 }
 
 impl Shared {
@@ -53,6 +57,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             open_ws: AtomicUsize::new(0),
             redis_addrs: Mutex::new(literal),
+            per_user: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,6 +129,36 @@ impl Shared {
     /// Whether the node's Redis link is down (the supervisor then re-resolves the address).
     pub fn redis_down(&self) -> bool {
         !self.redis_link_up()
+    }
+
+    /// Counts a new WebSocket of `user` against `--max-connections-per-user`; `false` (and not
+    /// counted) when the user already holds that many.
+    pub fn admit_user(&self, user: &str) -> bool {
+        let max = self.config.auth.max_per_user;
+        if max == 0 {
+            return true;
+        }
+        let mut users = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let held = users.entry(user.into()).or_default();
+        if *held >= max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// A WebSocket of `user` closed.
+    pub fn release_user(&self, user: &str) {
+        if self.config.auth.max_per_user == 0 {
+            return;
+        }
+        let mut users = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = users.get_mut(user) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                users.remove(user);
+            }
+        }
     }
 
     /// Asks every reactor to stop accepting and close its clients, spread over `drain_time`.

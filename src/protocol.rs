@@ -57,6 +57,10 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         payload: Cow<'a, [u8]>,
     },
+    /// A newer connection token, before the current one expires.
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A command with the `id` the client attached, if any (echoed in the reply verbatim).
@@ -83,6 +87,8 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Just the id of a command that does not otherwise parse.
@@ -142,9 +148,14 @@ pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             };
             Command::Publish { channel, payload }
         }
+        "refresh" => Command::Refresh {
+            token: wire
+                .token
+                .ok_or_else(|| fail("\"refresh\" needs a \"token\"".into()))?,
+        },
         other => {
             return Err(fail(format!(
-                "unknown op {other:?}; expected subscribe, unsubscribe or publish"
+                "unknown op {other:?}; expected subscribe, unsubscribe, publish or refresh"
             )))
         }
     };
@@ -181,6 +192,17 @@ fn push_id(body: &mut Vec<u8>, id: Option<&str>) {
 /// Builds the delivery `{"op":"message","channel":C,"data":D}` as one text frame. Called once per
 /// message per reactor, never per subscriber. `scratch` is reused between calls.
 pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes {
+    envelope_from(channel, payload, None, scratch)
+}
+
+/// [`envelope`] of a message an authenticated client published: `"user"` (the token's `sub`)
+/// and `"info"` (its `info` claim) are set by the server, never taken from the payload.
+pub fn envelope_from(
+    channel: &[u8],
+    payload: &[u8],
+    from: Option<&crate::auth::Identity>,
+    scratch: &mut Vec<u8>,
+) -> Bytes {
     scratch.clear();
     scratch.extend_from_slice(b"{\"op\":\"message\",\"channel\":\"");
     // Channel names are validated to need no escaping.
@@ -194,6 +216,14 @@ pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes 
         scratch.push(b'"');
         base64_encode(payload, scratch);
         scratch.extend_from_slice(b"\",\"encoding\":\"base64\"");
+    }
+    if let Some(from) = from {
+        scratch.extend_from_slice(b",\"user\":");
+        serde_json::to_writer(&mut *scratch, &*from.user).expect("writing to a Vec cannot fail");
+        if let Some(info) = &from.info {
+            scratch.extend_from_slice(b",\"info\":");
+            scratch.extend_from_slice(info.get().as_bytes());
+        }
     }
     scratch.push(b'}');
     encode(OpCode::Text, scratch)

@@ -45,6 +45,8 @@ fuzz_target!(|data: &[u8]| {
                     assert_json(body(&frame));
                     channel
                 }
+                // A token is checked by the reactor's verifier, not by the parser.
+                Command::Refresh { .. } => return,
             };
             protocol::validate_channel(channel.as_bytes()).expect("parsed channel is valid");
         }

@@ -8,11 +8,16 @@
 pub mod bus;
 pub mod channels;
 pub mod cluster;
+pub mod origin;
 pub mod redis;
 pub mod slots;
 pub mod upstream;
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes};
+
+use crate::auth::Identity;
 
 use crate::protocol;
 use crate::ws::deflate::{Compressor, FrameCache};
@@ -41,7 +46,7 @@ pub fn fanout(
         return 0;
     };
     let envelope = (channel.json_subscribers > 0)
-        .then(|| protocol::envelope(&channel.name, msg.payload(), scratch));
+        .then(|| protocol::envelope_from(&channel.name, msg.payload(), msg.from.as_deref(), scratch));
     let text = msg
         .frame
         .first()
@@ -69,6 +74,8 @@ pub struct Message {
     /// The complete server-to-client WebSocket frame (text or binary).
     pub frame: Bytes,
     payload_at: usize,
+    /// Who published it, when an authenticated client did (JSON deliveries name them).
+    pub from: Option<Arc<Identity>>,
 }
 
 impl Message {
@@ -81,7 +88,14 @@ impl Message {
             channel,
             frame,
             payload_at,
+            from: None,
         }
+    }
+
+    /// The same message, published by `from`.
+    pub fn with_from(mut self, from: Option<Arc<Identity>>) -> Message {
+        self.from = from;
+        self
     }
 
     /// Wraps a frame built by [`frame::encode_with`] whose payload starts at `payload_at`.
@@ -90,6 +104,7 @@ impl Message {
             channel,
             frame,
             payload_at,
+            from: None,
         }
     }
 

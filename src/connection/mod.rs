@@ -14,11 +14,13 @@ pub mod outbox;
 mod parse;
 
 use std::io::{self, Read};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::Registry;
 
+use crate::auth::Identity;
 use crate::broker::channels::Subscription;
 use crate::metrics::CloseReason;
 use crate::ws::deflate::Agreed;
@@ -63,6 +65,10 @@ pub enum Action {
     },
     Unsubscribe {
         channel: String,
+        id: Option<Box<str>>,
+    },
+    Refresh {
+        token: String,
         id: Option<Box<str>>,
     },
 }
@@ -123,6 +129,8 @@ pub enum Due {
     Pinged,
     /// Silent past `--idle-timeout`: close it (1001).
     Idle,
+    /// Its token expired and no `refresh` replaced it: close it (4001).
+    TokenExpired,
     /// The HTTP request took longer than `--handshake-timeout`: drop it.
     HandshakeTimeout,
     /// A response or closing handshake did not finish in time: drop it.
@@ -141,7 +149,7 @@ pub enum AfterFlush {
 /// its channel table (and count the WebSocket as closed).
 #[must_use = "a connection that left Open must be removed from its channels"]
 #[derive(Debug)]
-pub struct LeftOpen(pub Vec<Subscription>);
+pub struct LeftOpen(pub Vec<Subscription>, pub Option<Arc<Identity>>);
 
 /// A data message being reassembled from fragments.
 #[derive(Debug)]
@@ -191,6 +199,10 @@ pub struct Connection {
     /// Write side shut down after the close frame went out.
     shut_down: bool,
     rate: RateBucket,
+    /// Who the token said this is (absent without one).
+    identity: Option<Arc<Identity>>,
+    /// When the token expires, in reactor milliseconds (0: never).
+    token_deadline_ms: u64,
 }
 
 impl Connection {
@@ -212,6 +224,8 @@ impl Connection {
             dirty: false,
             shut_down: false,
             rate: RateBucket::default(),
+            identity: None,
+            token_deadline_ms: 0,
         }
     }
 
@@ -295,6 +309,17 @@ impl Connection {
         self.phase = Phase::Open;
     }
 
+    /// The identity the connection's token gave (set at the upgrade, replaced by `refresh`),
+    /// and when it expires in reactor milliseconds (0: never).
+    pub fn set_identity(&mut self, identity: Option<Arc<Identity>>, deadline_ms: u64) {
+        self.identity = identity;
+        self.token_deadline_ms = deadline_ms;
+    }
+
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
     /// Queues a frame for an open WebSocket within `max_queue`. On overflow nothing is queued and
     /// the caller closes the connection ([`Close::slow_consumer`]).
     #[inline]
@@ -364,7 +389,7 @@ impl Connection {
             // nothing more to wait for.
             drop_after_flush: close.echo || close.why == CloseReason::SlowConsumer,
         };
-        Some(LeftOpen(std::mem::take(&mut self.subs)))
+        Some(LeftOpen(std::mem::take(&mut self.subs), self.identity.take()))
     }
 
     /// Tears the connection down now: deregisters the socket and drops its output. Returns its
@@ -380,7 +405,8 @@ impl Connection {
         self.partial = Vec::new();
         self.fragments = None;
         let subs = std::mem::take(&mut self.subs);
-        was_open.then_some(LeftOpen(subs))
+        let identity = self.identity.take();
+        was_open.then_some(LeftOpen(subs, identity))
     }
 
     /// Whether this connection had completed a WebSocket upgrade (open or closing).
@@ -451,7 +477,9 @@ impl Connection {
             }
             Phase::Open => {
                 let silent = now_ms.saturating_sub(self.last_rx_ms);
-                if silent >= t.idle_ms {
+                if self.token_deadline_ms != 0 && now_ms >= self.token_deadline_ms {
+                    Due::TokenExpired
+                } else if silent >= t.idle_ms {
                     Due::Idle
                 } else if silent >= t.ping_ms && !self.ping_outstanding {
                     self.ping_outstanding = true;
@@ -589,7 +617,7 @@ mod tests {
             slot: 0,
         };
         conn.add_subscription(sub, 8).unwrap();
-        let LeftOpen(subs) = conn
+        let LeftOpen(subs, _) = conn
             .close(
                 &Close::new(CloseCode::Away, "bye", CloseReason::Shutdown),
                 1,

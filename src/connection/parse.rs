@@ -306,6 +306,10 @@ impl Connection {
                         channel: channel.into_owned(),
                         id,
                     },
+                    Command::Refresh { token } => Action::Refresh {
+                        token: token.into_owned(),
+                        id,
+                    },
                     Command::Publish { channel, payload } => {
                         let (frame, payload_at) =
                             encode_with(OpCode::Text, payload.len(), |buf| buf.put_slice(&payload));

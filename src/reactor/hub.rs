@@ -359,6 +359,7 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();
+                    let (from, payload) = crate::broker::origin::unwrap(payload);
                     if payload.len() > self.limits.max_message {
                         // Another Redis client published what no fanout client may send; passing it
                         // on could overflow every subscriber's queue and cut the whole channel.
@@ -367,7 +368,7 @@ impl Reactor {
                         continue;
                     }
                     let text = std::str::from_utf8(&payload).is_ok();
-                    let msg = Message::new(channel, &payload, text);
+                    let msg = Message::new(channel, &payload, text).with_from(from);
                     self.hub_deliver(&msg);
                 }
                 RedisEvent::Published { ack, result } => {

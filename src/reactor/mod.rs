@@ -411,9 +411,12 @@ impl Reactor {
     }
 
     /// The bookkeeping for a WebSocket that stopped being open: out of its channels, counted.
-    fn left_open(&mut self, LeftOpen(subs): LeftOpen, why: CloseReason) {
+    fn left_open(&mut self, LeftOpen(subs, identity): LeftOpen, why: CloseReason) {
         self.metrics.closed(why);
         self.shared.open_ws.fetch_sub(1, Ordering::AcqRel);
+        if let Some(identity) = identity {
+            self.shared.release_user(&identity.user);
+        }
         for sub in subs {
             self.release(sub);
         }

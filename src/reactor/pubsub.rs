@@ -104,7 +104,9 @@ impl Reactor {
                             None => continue,
                         },
                     };
-                    self.publish(key, Message::from_frame(channel, frame, payload_at), reply);
+                    let from = conn.identity().cloned();
+                    let msg = Message::from_frame(channel, frame, payload_at).with_from(from);
+                    self.publish(key, msg, reply);
                 }
                 Action::Subscribe { channel, id } => match self.subscribe(key, &channel) {
                     Ok(Subscribed::Now) => self.reply(key, id.as_deref(), Ok(())),
@@ -115,9 +117,42 @@ impl Reactor {
                     self.unsubscribe(key, channel.as_bytes());
                     self.reply(key, id.as_deref(), Ok(()));
                 }
+                Action::Refresh { token, id } => {
+                    let result = self.refresh(key, &token);
+                    self.reply(key, id.as_deref(), result);
+                }
             }
         }
         self.actions = actions;
+    }
+
+    /// `{"op":"refresh"}`: a newer token for the same user replaces the connection's, and with
+    /// it the time the connection is closed 4001.
+    fn refresh(&mut self, key: usize, token: &str) -> Result<(), String> {
+        let verifier = self.shared.config.auth.clone();
+        if !verifier.has_keys() {
+            return Err("refresh refused: this server has no token keys".into());
+        }
+        let identity = verifier
+            .verify(token)
+            .map_err(|why| format!("refresh refused: invalid token: {why}"))?;
+        let Some(conn) = self.conns.open(key) else {
+            return Ok(());
+        };
+        match conn.identity() {
+            Some(current) if current.user != identity.user => {
+                return Err(format!(
+                    "refresh refused: the token is for user {:?}, this connection is {:?}",
+                    identity.user, current.user
+                ))
+            }
+            // An anonymous connection cannot become a user: per-user limits were counted at connect.
+            None => return Err("refresh refused: this connection connected without a token".into()),
+            Some(_) => {}
+        }
+        let deadline = super::routes::token_deadline(Some(&identity), self.clock.now_ms);
+        conn.set_identity(Some(std::sync::Arc::new(identity)), deadline);
+        Ok(())
     }
 
     /// Queues a JSON `ok` or `error` reply; one that overflows the queue closes the connection.
@@ -313,7 +348,7 @@ impl Reactor {
                 }
             }
             let acked = ack.is_some();
-            let payload = msg.payload_bytes();
+            let payload = crate::broker::origin::wrap(msg.payload_bytes(), msg.from.as_deref());
             let request = Request::Publish {
                 channel: msg.channel,
                 payload,

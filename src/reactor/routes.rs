@@ -2,9 +2,31 @@
 //! WebSocket upgrade, including the node-wide connection limit.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::Reactor;
+use crate::auth::{unix_now, Identity, LEEWAY_SECS};
 use crate::http;
+
+/// HTTP 401 with the reason, and the challenge RFC 6750 asks for.
+fn unauthorized(why: &str) -> http::Response {
+    http::response(
+        401,
+        PLAIN,
+        "WWW-Authenticate: Bearer\r\n",
+        format!("{why}\n").as_bytes(),
+        false,
+    )
+}
+
+/// When a token's `exp` (plus the leeway) falls, in reactor milliseconds; 0 for never.
+pub(super) fn token_deadline(identity: Option<&Identity>, now_ms: u64) -> u64 {
+    let Some(exp) = identity.and_then(|i| i.expires_at) else {
+        return 0;
+    };
+    let left = exp.saturating_add(LEEWAY_SECS).saturating_sub(unix_now());
+    now_ms.saturating_add(left.saturating_mul(1000)).max(1)
+}
 
 /// The chat page served at `/`, embedded so the binary is all a user needs.
 pub const CHAT_PAGE: &str = include_str!("../web/index.html");
@@ -81,6 +103,25 @@ impl Reactor {
         self.respond(key, response);
     }
 
+    /// The identity of the request's token (`?token=` or `Authorization: Bearer`). Without a
+    /// token: refused under `--auth required`, anonymous otherwise. A token that is there must
+    /// be valid either way, so a client with a broken token learns it at once.
+    fn authenticate(&self, req: &http::Request) -> Result<Option<Arc<Identity>>, String> {
+        let verifier = &self.shared.config.auth;
+        let token = http::query_param(&req.query, "token").or_else(|| req.bearer.clone());
+        match token {
+            None if verifier.required() => {
+                Err("a token is required: ?token=JWT or Authorization: Bearer JWT".into())
+            }
+            None => Ok(None),
+            Some(_) if !verifier.has_keys() => Ok(None),
+            Some(token) => verifier
+                .verify(&token)
+                .map(|identity| Some(Arc::new(identity)))
+                .map_err(|why| format!("invalid token: {why}")),
+        }
+    }
+
     fn respond(&mut self, key: usize, response: http::Response) {
         self.metrics.http_response(response.status);
         if let Some(conn) = self.conns.live(key) {
@@ -103,9 +144,33 @@ impl Reactor {
         if self.drain.is_some() {
             return self.respond(key, http::error(503, "server is shutting down"));
         }
+        let identity = match self.authenticate(req) {
+            Ok(identity) => identity,
+            Err(why) => return self.respond(key, unauthorized(&why)),
+        };
+        if let Some(id) = &identity {
+            if !self.shared.admit_user(&id.user) {
+                return self.respond(
+                    key,
+                    http::error(
+                        429,
+                        &format!(
+                            "user {:?} already holds --max-connections-per-user {} connections",
+                            id.user, self.shared.config.auth.max_per_user
+                        ),
+                    ),
+                );
+            }
+        }
+        let release = |shared: &crate::node::Shared| {
+            if let Some(id) = &identity {
+                shared.release_user(&id.user);
+            }
+        };
         let open = self.shared.open_ws.fetch_add(1, Ordering::AcqRel);
         if open >= self.shared.config.max_connections {
             self.shared.open_ws.fetch_sub(1, Ordering::AcqRel);
+            release(&self.shared);
             self.metrics.refused.inc();
             return self.respond(
                 key,
@@ -114,11 +179,14 @@ impl Reactor {
         }
         let Some(conn) = self.conns.live(key) else {
             self.shared.open_ws.fetch_sub(1, Ordering::AcqRel);
+            release(&self.shared);
             return;
         };
         self.metrics.accepted.inc();
         self.metrics.http_response(101);
         conn.open_websocket(up.json, up.deflate, up.response);
+        let deadline = token_deadline(identity.as_deref(), self.clock.now_ms);
+        conn.set_identity(identity, deadline);
         if self.shared.config.fault_panic_reactor == Some(self.index) {
             panic!("--fault-panic-reactor {}: injected fault", self.index);
         }

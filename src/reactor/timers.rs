@@ -109,6 +109,10 @@ impl Reactor {
                     key,
                     Close::new(CloseCode::Away, "idle timeout", CloseReason::IdleTimeout),
                 ),
+                Due::TokenExpired => self.close(
+                    key,
+                    Close::new(CloseCode::TokenExpired, "token expired", CloseReason::Auth),
+                ),
                 Due::HandshakeTimeout => {
                     self.metrics.handshake_timeouts.inc();
                     self.kill(key, CloseReason::IdleTimeout);

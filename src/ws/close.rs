@@ -15,6 +15,10 @@ pub enum CloseCode {
     Policy,
     /// 1009: a message over `--max-message`.
     TooBig,
+    /// 4001: the connection's token expired and no newer one came (`refresh`).
+    TokenExpired,
+    /// 4003: raw mode asked for what its token's rules refuse.
+    Forbidden,
     /// Any other valid code, echoed back to a client that sent it.
     Other(u16),
 }
@@ -28,6 +32,8 @@ impl CloseCode {
             CloseCode::InvalidPayload => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
+            CloseCode::TokenExpired => 4001,
+            CloseCode::Forbidden => 4003,
             CloseCode::Other(c) => c,
         }
     }
