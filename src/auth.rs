@@ -100,7 +100,11 @@ pub struct Verifier {
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let algs: Vec<_> = self.keys.iter().map(|(a, _)| a).collect();
-        write!(f, "Verifier {{ required: {}, algorithms: {algs:?} }}", self.required)
+        write!(
+            f,
+            "Verifier {{ required: {}, algorithms: {algs:?} }}",
+            self.required
+        )
     }
 }
 
@@ -130,7 +134,10 @@ impl Verifier {
             if secret.len() < 16 {
                 bail!("--token-hmac-secret: shorter than 16 bytes; use a long random secret");
             }
-            keys.push((Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes())));
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+            ));
         }
         if let Some(path) = args.token_public_key.as_deref().filter(|p| !p.is_empty()) {
             keys.push(public_key(Path::new(path)).context("--token-public-key")?);
@@ -187,25 +194,24 @@ impl Verifier {
         } else {
             &["sub"][..]
         });
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature => "bad signature".to_string(),
-                ErrorKind::ExpiredSignature => "token expired".to_string(),
-                ErrorKind::ImmatureSignature => "token not yet valid (nbf)".to_string(),
-                ErrorKind::MissingRequiredClaim(c) => format!("token has no {c:?} claim"),
-                ErrorKind::InvalidAlgorithm => "algorithm does not match the key".to_string(),
-                ErrorKind::Json(e) => format!("malformed claims: {e}"),
-                _ => format!("malformed token: {e}"),
-            }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::InvalidSignature => "bad signature".to_string(),
+            ErrorKind::ExpiredSignature => "token expired".to_string(),
+            ErrorKind::ImmatureSignature => "token not yet valid (nbf)".to_string(),
+            ErrorKind::MissingRequiredClaim(c) => format!("token has no {c:?} claim"),
+            ErrorKind::InvalidAlgorithm => "algorithm does not match the key".to_string(),
+            ErrorKind::Json(e) => format!("malformed claims: {e}"),
+            _ => format!("malformed token: {e}"),
         })?;
         let claims = data.claims;
         let user = claims.sub.unwrap_or_default();
         if user.is_empty() || user.len() > 256 {
             return Err("the sub claim must be 1 to 256 bytes".into());
         }
-        let boxed = |v: Option<Vec<String>>| {
-            v.map(|v| v.into_iter().map(String::into_boxed_str).collect())
-        };
+        let boxed =
+            |v: Option<Vec<String>>| v.map(|v| v.into_iter().map(String::into_boxed_str).collect());
         Ok(Identity {
             user: user.into_boxed_str(),
             channels: boxed(claims.channels),
@@ -296,12 +302,30 @@ mod tests {
         assert!(!Identity::allows(id.channels.as_deref(), "user:#43"));
         assert_eq!(id.info.unwrap().get(), r#"{"name":"Ann"}"#);
         let cases = [
-            (mint(serde_json::json!({"sub":"1","exp":exp}), "another-secret-entirely"), "bad signature"),
-            (mint(serde_json::json!({"sub":"1","exp":unix_now() - 60}), SECRET), "expired"),
+            (
+                mint(
+                    serde_json::json!({"sub":"1","exp":exp}),
+                    "another-secret-entirely",
+                ),
+                "bad signature",
+            ),
+            (
+                mint(serde_json::json!({"sub":"1","exp":unix_now() - 60}), SECRET),
+                "expired",
+            ),
             (mint(serde_json::json!({"sub":"1"}), SECRET), "\"exp\""),
             (mint(serde_json::json!({"exp":exp}), SECRET), "\"sub\""),
-            (mint(serde_json::json!({"sub":"1","exp":exp,"nbf":unix_now() + 60}), SECRET), "not yet valid"),
-            ("eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.".to_string(), "alg none"),
+            (
+                mint(
+                    serde_json::json!({"sub":"1","exp":exp,"nbf":unix_now() + 60}),
+                    SECRET,
+                ),
+                "not yet valid",
+            ),
+            (
+                "eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.".to_string(),
+                "alg none",
+            ),
             ("garbage".to_string(), "malformed"),
         ];
         for (token, why) in cases {
@@ -309,7 +333,9 @@ mod tests {
             assert!(err.contains(why), "{token}: {err} lacks {why}");
         }
         // Auth off: exp is optional.
-        assert!(verifier(false).verify(&mint(serde_json::json!({"sub":"1"}), SECRET)).is_ok());
+        assert!(verifier(false)
+            .verify(&mint(serde_json::json!({"sub":"1"}), SECRET))
+            .is_ok());
     }
 
     #[test]
@@ -329,11 +355,25 @@ mod tests {
             max_connections_per_user: "0".into(),
             ..AuthArgs::default()
         };
-        assert!(bad(AuthArgs { auth: "maybe".into(), ..base.clone() }).contains("--auth"));
-        assert!(bad(AuthArgs { auth: "required".into(), ..base.clone() }).contains("no key"));
-        assert!(bad(AuthArgs { token_hmac_secret: Some("short".into()), ..base.clone() })
-            .contains("16 bytes"));
-        assert!(bad(AuthArgs { token_public_key: Some("/nonexistent.pem".into()), ..base.clone() })
-            .contains("--token-public-key"));
+        assert!(bad(AuthArgs {
+            auth: "maybe".into(),
+            ..base.clone()
+        })
+        .contains("--auth"));
+        assert!(bad(AuthArgs {
+            auth: "required".into(),
+            ..base.clone()
+        })
+        .contains("no key"));
+        assert!(bad(AuthArgs {
+            token_hmac_secret: Some("short".into()),
+            ..base.clone()
+        })
+        .contains("16 bytes"));
+        assert!(bad(AuthArgs {
+            token_public_key: Some("/nonexistent.pem".into()),
+            ..base.clone()
+        })
+        .contains("--token-public-key"));
     }
 }

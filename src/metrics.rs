@@ -63,7 +63,9 @@ impl CloseReason {
 }
 
 /// HTTP statuses fanout answers with; anything else is counted as "other".
-const STATUSES: [u16; 14] = [101, 200, 400, 401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 503];
+const STATUSES: [u16; 14] = [
+    101, 200, 400, 401, 403, 404, 405, 408, 413, 426, 429, 431, 500, 503,
+];
 
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);

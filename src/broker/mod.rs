@@ -45,8 +45,9 @@ pub fn fanout(
     let Some(channel) = channels.get(&msg.channel) else {
         return 0;
     };
-    let envelope = (channel.json_subscribers > 0)
-        .then(|| protocol::envelope_from(&channel.name, msg.payload(), msg.from.as_deref(), scratch));
+    let envelope = (channel.json_subscribers > 0).then(|| {
+        protocol::envelope_from(&channel.name, msg.payload(), msg.from.as_deref(), scratch)
+    });
     let text = msg
         .frame
         .first()

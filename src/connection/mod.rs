@@ -389,7 +389,10 @@ impl Connection {
             // nothing more to wait for.
             drop_after_flush: close.echo || close.why == CloseReason::SlowConsumer,
         };
-        Some(LeftOpen(std::mem::take(&mut self.subs), self.identity.take()))
+        Some(LeftOpen(
+            std::mem::take(&mut self.subs),
+            self.identity.take(),
+        ))
     }
 
     /// Tears the connection down now: deregisters the socket and drops its output. Returns its

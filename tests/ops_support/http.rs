@@ -145,9 +145,20 @@ pub fn handshake(
     path: &str,
     protocol: Option<&str>,
 ) -> io::Result<(u16, String, Vec<u8>)> {
-    let extra = protocol.map_or(String::new(), |p| {
+    handshake_with(stream, path, protocol, "")
+}
+
+/// [`handshake`] with extra raw header lines (each ending in CRLF), e.g. `Authorization`.
+pub fn handshake_with(
+    stream: &mut TcpStream,
+    path: &str,
+    protocol: Option<&str>,
+    headers: &str,
+) -> io::Result<(u16, String, Vec<u8>)> {
+    let mut extra = protocol.map_or(String::new(), |p| {
         format!("Sec-WebSocket-Protocol: {p}\r\n")
     });
+    extra.push_str(headers);
     stream.write_all(&upgrade_request(path, &[], &extra))?;
     let text = try_read_head(stream)?;
     let status = status_of(&text)?;

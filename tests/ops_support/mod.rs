@@ -14,6 +14,7 @@
 mod frames;
 mod http;
 mod redis;
+mod tokens;
 
 // Not every test file uses every part; the helpers are still one shared set.
 #[allow(unused_imports)]
@@ -22,6 +23,8 @@ pub use self::frames::*;
 pub use self::http::*;
 #[allow(unused_imports)]
 pub use self::redis::*;
+#[allow(unused_imports)]
+pub use self::tokens::*;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -309,10 +312,20 @@ pub struct Ws {
 
 impl Ws {
     pub fn connect(addr: SocketAddr, path: &str, protocol: Option<&str>) -> io::Result<Ws> {
+        Ws::connect_with(addr, path, protocol, "")
+    }
+
+    /// [`Ws::connect`] with extra raw header lines (each ending in CRLF).
+    pub fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        protocol: Option<&str>,
+        headers: &str,
+    ) -> io::Result<Ws> {
         let mut stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(PATIENCE))?;
-        let (status, head, _) = handshake(&mut stream, path, protocol)?;
+        let (status, head, _) = http::handshake_with(&mut stream, path, protocol, headers)?;
         if status != 101 {
             return Err(io::Error::other(format!("upgrade refused: {head}")));
         }
