@@ -21,7 +21,8 @@ pub const MAX_CHANNEL_LEN: usize = 128;
 /// The subprotocol a client offers to speak JSON commands.
 pub const JSON_SUBPROTOCOL: &str = "fanout.json";
 
-/// Checks a channel name: 1-128 bytes of `[A-Za-z0-9_.:-]`.
+/// Checks a channel name: 1-128 bytes of `[A-Za-z0-9_.:-#{}]` (`#` names an owner, as in
+/// `user:#42`; `{tag}` is a Redis Cluster hash tag). None of them needs escaping in JSON.
 pub fn validate_channel(name: &[u8]) -> Result<(), String> {
     if name.is_empty() {
         return Err("channel name is empty".into());
@@ -32,12 +33,11 @@ pub fn validate_channel(name: &[u8]) -> Result<(), String> {
             name.len()
         ));
     }
-    match name
-        .iter()
-        .find(|&&b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')))
-    {
+    match name.iter().find(|&&b| {
+        !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-' | b'#' | b'{' | b'}'))
+    }) {
         Some(&b) => Err(format!(
-            "channel name contains {:?}; allowed are A-Z a-z 0-9 _ . : -",
+            "channel name contains {:?}; allowed are A-Z a-z 0-9 _ . : - # {{ }}",
             b as char
         )),
         None => Ok(()),

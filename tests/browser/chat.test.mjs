@@ -5,7 +5,7 @@
 // Screenshots (laptop and phone size, both pages) go to target/browser/ (or $BROWSER_ARTIFACTS);
 // with UPDATE_SCREENSHOTS=1 the README's screenshots in tests/browser/screenshots/ are rewritten.
 import { execFile, spawn } from "node:child_process";
-import { createHash } from "node:crypto";
+import { createHash, createHmac } from "node:crypto";
 import { closeSync, copyFileSync, mkdirSync, openSync, readFileSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import { dirname, join } from "node:path";
@@ -89,8 +89,19 @@ function waitPort(port, ms = 10000) {
   });
 }
 
+const TOKEN_SECRET = "browser-test-secret-0123456789";
+
+// An HS256 JWT, minted the way an application backend would.
+function mintToken(claims) {
+  const b64 = (x) => Buffer.from(JSON.stringify(x)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  return `${body}.${createHmac("sha256", TOKEN_SECRET).update(body).digest("base64url")}`;
+}
+
 function startNode(name, listen, redisPort) {
   const child = start(name, FANOUT, ["--listen", listen, "--threads", "2", "--redis", `redis://127.0.0.1:${redisPort}`,
+    // Tokens are optional (--auth off) but checked when given: one page below comes with one.
+    "--token-hmac-secret", TOKEN_SECRET,
     "--drain-delay", "0", "--drain-time", "0.5", "--log-level", "info",
     // Chromium offers permessage-deflate: every message of this test travels compressed, both
     // ways (a 0-byte minimum so the server compresses even short chat lines).
@@ -294,6 +305,20 @@ try {
     await redisCli("PUBLISH", "room1", '{"temperature":21.5}');
     const json = await waitFor("the JSON message in B", findMessage(b, '{"temperature":21.5}'));
     if (json.kind !== "json") throw new Error(`JSON payload shown as ${JSON.stringify(json)}`);
+  });
+
+  await check("a page opened with a token shows the server's name for its user, not the typed one", async () => {
+    const token = mintToken({ sub: "u7", exp: Math.floor(Date.now() / 1000) + 600, info: { name: "Verified Vic" } });
+    const v = await (await browser.newContext({ viewport: LAPTOP })).newPage();
+    v.on("pageerror", (e) => pageErrors.push(`V: ${e.message}`));
+    await v.goto(`http://${n1.addr}/?name=impostor&channel=room1&token=${token}`);
+    await waitOpen(v);
+    await say(v, "signed in as vic");
+    const got = await waitFor("the message in B", findMessage(b, "signed in as vic"));
+    if (got.author !== "Verified Vic") throw new Error(`B shows ${JSON.stringify(got)}`);
+    const frame = bFrames.received.map((f) => JSON.parse(f)).find((m) => m.data?.text === "signed in as vic");
+    if (frame?.user !== "u7" || frame?.data?.user !== "impostor") throw new Error(`B received ${JSON.stringify(frame)}`);
+    await v.context().close();
   });
 
   await check("a message on another channel raises B's unread count; opening it clears the count", async () => {
