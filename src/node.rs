@@ -33,6 +33,9 @@ pub struct Shared {
     pub open_ws: AtomicUsize,
     /// The Redis seed addresses (one with `--redis`), resolved by the supervisor.
     redis_addrs: Mutex<Vec<SocketAddr>>,
+    /// TLS client configuration for `rediss://` links (trusted roots: the system's plus
+    /// `--redis-ca-file`), built once at start; `None` when no Redis URL uses TLS.
+    pub redis_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Shared {
@@ -53,6 +56,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             open_ws: AtomicUsize::new(0),
             redis_addrs: Mutex::new(literal),
+            redis_tls: None,
         }
     }
 

@@ -101,11 +101,10 @@ impl Reactor {
         let config = &shared.config;
         // One link per node, on reactor 0: one Redis connection and one subscription per channel
         // whatever --threads is.
-        let redis = config
-            .redis
-            .clone()
-            .filter(|_| index == 0)
-            .map(|url| RedisLink::new(url, &config.redis_prefix, REDIS, index));
+        let redis = config.redis.clone().filter(|_| index == 0).map(|url| {
+            let tls = shared.redis_tls.clone();
+            RedisLink::new(url, &config.redis_prefix, REDIS, index, tls)
+        });
         let hub = redis.as_ref().map(|_| hub::Hub::new(config.threads));
         let limits = Limits {
             max_message: config.max_message,
