@@ -360,16 +360,21 @@ impl Source for Stream {
 mod tests {
     use super::*;
 
+    /// A file in the temporary directory (named after the process, so runs do not collide).
     fn temp_file(name: &str, contents: &[u8]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("fanout-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+        let path =
+            std::env::temp_dir().join(format!("fanout-tls-unit-{}-{name}", std::process::id()));
         std::fs::write(&path, contents).unwrap();
         path
     }
 
+    /// The error `client_config` gives for `path` (removed afterwards if it is a temporary file).
     fn error_of(path: &Path) -> String {
-        format!("{:#}", client_config(Some(path)).unwrap_err())
+        let err = format!("{:#}", client_config(Some(path)).unwrap_err());
+        if path.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_file(path);
+        }
+        err
     }
 
     #[test]
