@@ -19,6 +19,11 @@ fn main() {
     }
     logger.format_timestamp_millis().init();
     if let Err(e) = fanout::server::run(config) {
+        if e.downcast_ref::<fanout::server::BadConfig>().is_some() {
+            log::error!("bad configuration: {e:#}");
+            eprintln!("fanout: bad configuration: {e:#}");
+            std::process::exit(2);
+        }
         log::error!("{e:#}");
         eprintln!("fanout: {e:#}");
         std::process::exit(1);

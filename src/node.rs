@@ -37,6 +37,9 @@ pub struct Shared {
     /// Open WebSockets per user (token `sub`), for `--max-connections-per-user`; only kept when
     /// that limit is set, and only touched when a WebSocket opens or closes.
     per_user: Mutex<HashMap<Box<str>, usize>>,
+    /// TLS client configuration for `rediss://` links (trusted roots: the system's plus
+    /// `--redis-ca-file`), built once at start; `None` when no Redis URL uses TLS.
+    pub redis_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Shared {
@@ -58,6 +61,7 @@ impl Shared {
             open_ws: AtomicUsize::new(0),
             redis_addrs: Mutex::new(literal),
             per_user: Mutex::new(HashMap::new()),
+            redis_tls: None,
         }
     }
 

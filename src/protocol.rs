@@ -232,9 +232,15 @@ pub fn envelope_from(
 fn is_json(payload: &[u8]) -> bool {
     // Skipping into IgnoredAny does not check that string contents are UTF-8, and the envelope
     // goes out as a text frame: invalid UTF-8 in it makes browsers drop the connection (1007).
+    // Nor does it decode `\u` escapes, so a lone surrogate (`"\ud800"`) would pass; the rare
+    // payload with an escape is checked in full.
     !payload.is_empty()
         && std::str::from_utf8(payload).is_ok()
-        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+        && if payload.windows(2).any(|w| w == b"\\u") {
+            serde_json::from_slice::<serde_json::Value>(payload).is_ok()
+        } else {
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+        }
 }
 
 fn base64_encode(input: &[u8], out: &mut Vec<u8>) {
@@ -356,6 +362,12 @@ mod tests {
         assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":"hello"}"#);
         let e = envelope(b"c", br#"{"a":1}"#, &mut s);
         assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":{"a":1}}"#);
+        // A lone surrogate is not JSON: it travels as a string.
+        let e = envelope(b"c", br#""\ud800""#, &mut s);
+        assert_eq!(
+            body(&e),
+            r#"{"op":"message","channel":"c","data":"\"\\ud800\""}"#
+        );
         let e = envelope(b"c", b"", &mut s);
         assert_eq!(body(&e), r#"{"op":"message","channel":"c","data":""}"#);
         let e = envelope(b"c", &[0xff, 0x00, 0x10], &mut s);

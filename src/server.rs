@@ -76,7 +76,10 @@ pub fn build(config: Config) -> anyhow::Result<Node> {
         polls.push(poll);
         inboxes.push(inbox);
     }
-    let shared = Arc::new(Shared::new(config, shared_reactors));
+    let redis_tls = redis_tls(&config)?;
+    let mut shared = Shared::new(config, shared_reactors);
+    shared.redis_tls = redis_tls;
+    let shared = Arc::new(shared);
     let mut reactors = Vec::new();
     for (i, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate()
     {
@@ -87,6 +90,45 @@ pub fn build(config: Config) -> anyhow::Result<Node> {
         reactors,
         local_addr,
     })
+}
+
+/// A configuration error found only when acting on it (a `--redis-ca-file` that holds no
+/// certificate): the binary reports it like a bad flag value (exit status 2).
+#[derive(Debug)]
+pub struct BadConfig(pub String);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadConfig {}
+
+/// The TLS client configuration for `rediss://`, built once for every link of the node; `None`
+/// when no Redis URL uses TLS.
+fn redis_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    let bad = |e: String| anyhow::Error::new(BadConfig(e));
+    if !config.redis_urls().any(|u| u.tls) {
+        if let Some(path) = &config.redis_ca_file {
+            log::warn!(
+                "--redis-ca-file {} is unused: no Redis URL is rediss://",
+                path.display()
+            );
+        }
+        return Ok(None);
+    }
+    for url in config.redis_urls().filter(|u| u.tls) {
+        let option = if config.redis.is_some() {
+            "--redis"
+        } else {
+            "--redis-cluster"
+        };
+        crate::broker::tls::server_name(&url.host).map_err(|e| bad(format!("{option}: {e:#}")))?;
+    }
+    crate::broker::tls::client_config(config.redis_ca_file.as_deref())
+        .map(Some)
+        .map_err(|e| bad(format!("--redis-ca-file: {e:#}")))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

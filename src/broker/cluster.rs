@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -52,6 +53,8 @@ pub struct RedisCluster {
     /// Link `k` uses token `token_base - k`.
     token_base: usize,
     reactor: usize,
+    /// TLS for `rediss://` seeds: every shard is reached the same way.
+    tls: Option<Arc<rustls::ClientConfig>>,
     links: Slab<Shard>,
     /// Slot -> key of the link to its master, or [`NO_OWNER`].
     owner: Vec<u32>,
@@ -73,7 +76,13 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    pub fn new(seeds: &[RedisUrl], prefix: &str, token_base: Token, reactor: usize) -> Self {
+    pub fn new(
+        seeds: &[RedisUrl],
+        prefix: &str,
+        token_base: Token,
+        reactor: usize,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let template = seeds.first().cloned().unwrap_or(RedisUrl {
             host: "127.0.0.1".into(),
             port: 6379,
@@ -88,6 +97,7 @@ impl RedisCluster {
             prefix: Bytes::copy_from_slice(prefix.as_bytes()),
             token_base: token_base.0,
             reactor,
+            tls,
             links: Slab::new(),
             owner: vec![NO_OWNER; SLOTS],
             wanted: HashMap::new(),
@@ -288,13 +298,8 @@ impl RedisCluster {
         url.port = addr.port();
         let entry = self.links.vacant_entry();
         let token = Token(self.token_base - entry.key());
-        let link = RedisLink::new(
-            url,
-            &String::from_utf8_lossy(&self.prefix),
-            token,
-            self.reactor,
-        )
-        .sharded();
+        let prefix = String::from_utf8_lossy(&self.prefix);
+        let link = RedisLink::new(url, &prefix, token, self.reactor, self.tls.clone()).sharded();
         let key = entry.key();
         entry.insert(Shard {
             addr,

@@ -1,5 +1,6 @@
 //! Who gets a message: the per-reactor channel table ([`channels`]), the queues between reactors
-//! of one node ([`bus`]), and the Redis link that joins nodes ([`redis`]).
+//! of one node ([`bus`]), and the Redis link that joins nodes ([`redis`], over plain TCP or TLS:
+//! [`tls`]).
 //!
 //! A [`Message`] is framed once, when it enters a reactor, into the exact bytes a raw-mode
 //! subscriber receives; every local subscriber gets a clone of that one `Bytes` (a reference-count
@@ -11,6 +12,7 @@ pub mod cluster;
 pub mod origin;
 pub mod redis;
 pub mod slots;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;

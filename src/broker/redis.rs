@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -27,6 +28,7 @@ use redis_protocol::resp3::decode::complete::decode_bytes_mut;
 use redis_protocol::resp3::encode::complete::extend_encode;
 use redis_protocol::resp3::types::BytesFrame;
 
+use super::tls::Stream;
 use crate::config::RedisUrl;
 
 /// Most bytes of unsent commands; past it publishes are refused rather than buffered.
@@ -136,12 +138,13 @@ enum State {
         until: Instant,
     },
     Connecting {
-        stream: TcpStream,
+        stream: Stream,
         since: Instant,
     },
-    /// TCP up; `ready` once HELLO (and SELECT) were answered.
+    /// TCP up (the TLS handshake, with `rediss://`, may still be under way); `ready` once HELLO
+    /// (and SELECT) were answered.
     Connected {
-        stream: TcpStream,
+        stream: Stream,
         ready: bool,
     },
 }
@@ -169,6 +172,8 @@ pub struct RedisLink {
     last_warning: Option<(Instant, String)>,
     /// State of the generator that spreads reconnect attempts (differs per reactor and node).
     jitter: u64,
+    /// The node's TLS client configuration; every `rediss://` connection starts a session of it.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// splitmix64: a well-mixed 64-bit sequence from any seed, enough to spread retries.
@@ -183,7 +188,22 @@ fn next_jitter(state: &mut u64) -> u64 {
 impl RedisLink {
     /// `reactor` (the reactor's index) and the process id seed the reconnect jitter, so the
     /// reactors and nodes that lost the same Redis do not all come back at the same instant.
-    pub fn new(url: RedisUrl, prefix: &str, token: Token, reactor: usize) -> RedisLink {
+    /// `tls` is the node's TLS configuration (`node::Shared::redis_tls`), required by a
+    /// `rediss://` URL: without it every attempt fails, saying so.
+    pub fn new(
+        url: RedisUrl,
+        prefix: &str,
+        token: Token,
+        reactor: usize,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> RedisLink {
+        if url.tls && tls.is_none() {
+            log::error!(
+                "redis: BUG: a link to rediss://{}:{} was made without a TLS configuration; it will never connect",
+                url.host,
+                url.port
+            );
+        }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -208,6 +228,7 @@ impl RedisLink {
             failed_attempts: 0,
             last_warning: None,
             jitter: seed,
+            tls,
         }
     }
 
@@ -262,7 +283,19 @@ impl RedisLink {
     }
 
     fn connect(&mut self, addr: SocketAddr, now: Instant, registry: &Registry) {
-        match TcpStream::connect(addr) {
+        let tls = match (self.url.tls, &self.tls) {
+            (false, _) => None,
+            (true, Some(config)) => Some(config.clone()),
+            (true, None) => {
+                self.attempt_failed(now, "rediss:// without a TLS configuration (a bug)");
+                return self.retry_later(now);
+            }
+        };
+        let stream = TcpStream::connect(addr).and_then(|tcp| match tls {
+            None => Ok(Stream::plain(tcp)),
+            Some(config) => Stream::tls(tcp, addr, config, &self.url.host),
+        });
+        match stream {
             Ok(mut stream) => {
                 if let Err(e) = registry.register(
                     &mut stream,
@@ -294,12 +327,19 @@ impl RedisLink {
     /// Takes the link down: fails waiting publishes, drops buffers, schedules a reconnect.
     fn fail(&mut self, registry: &Registry, now: Instant, why: &str) {
         let was_up = self.is_up();
+        let mut why = why.to_string();
         match std::mem::replace(&mut self.state, State::Down { until: now }) {
-            State::Connecting { mut stream, .. } | State::Connected { mut stream, .. } => {
+            State::Connecting { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+            }
+            State::Connected { mut stream, .. } => {
+                // During a TLS handshake, say so: "TLS handshake with ADDR failed: REASON".
+                why = stream.explain(&why);
                 let _ = registry.deregister(&mut stream);
             }
             State::Down { .. } => {}
         }
+        let why = why.as_str();
         if was_up {
             log::warn!("redis: link down ({why}); reconnecting");
             self.events.push_back(RedisEvent::Down);
@@ -350,13 +390,9 @@ impl RedisLink {
             if !writable && !readable {
                 return;
             }
-            match stream.take_error() {
-                Ok(Some(e)) | Err(e) => return self.fail(registry, now, &e.to_string()),
-                Ok(None) => {}
-            }
-            match stream.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            match stream.connect_done() {
+                Ok(true) => {}
+                Ok(false) => return,
                 Err(e) => return self.fail(registry, now, &e.to_string()),
             }
             let State::Connecting { stream, .. } =
@@ -816,6 +852,17 @@ impl RedisLink {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.fail(registry, now, &e.to_string()),
             }
+        }
+        // TLS records still pending (the handshake's, or ones the socket did not take): they
+        // must go out on a writable event even when there is nothing new to write.
+        match stream.flush() {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => self.fail(registry, now, &e.to_string()),
         }
     }
 }

@@ -113,12 +113,14 @@ impl Reactor {
                 &config.redis_prefix,
                 REDIS,
                 index,
+                shared.redis_tls.clone(),
             ))),
             (None, false) => Some(Upstream::Cluster(RedisCluster::new(
                 &config.redis_cluster,
                 &config.redis_prefix,
                 REDIS_SHARDS,
                 index,
+                shared.redis_tls.clone(),
             ))),
             (None, true) => None,
         };

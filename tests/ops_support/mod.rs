@@ -3,7 +3,8 @@
 //! way: start and stop processes by PID ([`Server`], [`Redis`]), speak plain HTTP ([`exchange`],
 //! [`http_get`]) and WebSocket over raw sockets ([`Ws`], with the test side's own frame encoder
 //! and parser in `frames.rs`, independent of the server's codec), talk RESP to Redis
-//! ([`RedisConn`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
+//! ([`RedisConn`]), run Redis with TLS on certificates made by the `openssl` CLI
+//! ([`TlsRedis`], [`Certs`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
 //! a client library, so tests can put exact bytes on the wire (half frames, resets, stalls).
 //!
 //! Time: no helper asserts how fast anything is. [`PATIENCE`] is how long a helper waits for
@@ -14,6 +15,7 @@
 mod frames;
 mod http;
 mod redis;
+mod tls;
 mod tokens;
 
 // Not every test file uses every part; the helpers are still one shared set.
@@ -23,6 +25,7 @@ pub use self::frames::*;
 pub use self::http::*;
 #[allow(unused_imports)]
 pub use self::redis::*;
+pub use self::tls::*;
 #[allow(unused_imports)]
 pub use self::tokens::*;
 

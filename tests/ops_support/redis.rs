@@ -136,6 +136,8 @@ impl RedisConn {
 pub struct Redis {
     pub port: u16,
     password: Option<String>,
+    /// More `redis-server` arguments (the TLS fixture's `--tls-port` and certificates).
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -145,9 +147,15 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
+        Redis::start_with_args(port, Vec::new())
+    }
+
+    /// A Redis on plain port `port` with more `redis-server` arguments.
+    pub fn start_with_args(port: u16, extra_args: Vec<String>) -> Redis {
         let mut r = Redis {
             port,
             password: None,
+            extra_args,
             child: None,
         };
         r.restart();
@@ -159,6 +167,7 @@ impl Redis {
         let mut r = Redis {
             port: free_port(),
             password: Some(password.to_string()),
+            extra_args: Vec::new(),
             child: None,
         };
         r.restart();
@@ -198,6 +207,7 @@ impl Redis {
             if let Some(pw) = &self.password {
                 args.extend(["--requirepass".to_string(), pw.clone()]);
             }
+            args.extend(self.extra_args.iter().cloned());
             let mut child = Command::new("redis-server")
                 .args(&args)
                 .stdin(Stdio::null())
