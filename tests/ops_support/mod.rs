@@ -25,6 +25,7 @@ pub use self::frames::*;
 pub use self::http::*;
 #[allow(unused_imports)]
 pub use self::redis::*;
+#[allow(unused_imports)]
 pub use self::tls::*;
 #[allow(unused_imports)]
 pub use self::tokens::*;
