@@ -266,7 +266,11 @@ impl RedisCluster {
             .collect();
         candidates.sort_unstable();
         for (_, k) in candidates {
-            if self.links[k].link.request_topology(registry, now) {
+            let asked = self
+                .links
+                .get_mut(k)
+                .is_some_and(|s| s.link.request_topology(registry, now));
+            if asked {
                 self.refresh_at = None;
                 self.next_periodic = now + REFRESH_EVERY;
                 return;
@@ -320,7 +324,8 @@ impl RedisCluster {
             match event {
                 RedisEvent::Up => {
                     self.all_down_since = None;
-                    if !self.known || !self.links[k].owns_slots {
+                    let seed = self.links.get(k).is_some_and(|s| !s.owns_slots);
+                    if !self.known || seed {
                         self.refresh_at = Some(now);
                         self.request_topology(registry, now);
                     }
@@ -375,7 +380,10 @@ impl RedisCluster {
                     }
                 }
                 RedisEvent::Topology(Ok(reply)) => {
-                    match slots::parse_shards(&reply, self.template.tls) {
+                    let Some(answered_by) = self.links.get(k).map(|s| s.addr.ip()) else {
+                        continue;
+                    };
+                    match slots::parse_shards(&reply, self.template.tls, answered_by) {
                         Ok(shards) => self.apply(shards, registry, now),
                         Err(e) => {
                             log::warn!("redis cluster: {e}");
@@ -409,8 +417,8 @@ impl RedisCluster {
             Some(k) => Some(k),
             None => self.add_link(addr, true),
         };
-        if let Some(k) = k {
-            self.links[k].owns_slots = true;
+        if let Some((k, shard)) = k.and_then(|k| Some((k, self.links.get_mut(k)?))) {
+            shard.owns_slots = true;
             self.owner[usize::from(slot)] = k as u32;
         }
     }
@@ -462,16 +470,20 @@ impl RedisCluster {
             self.unplace(&channel, k);
         }
         for k in gone {
+            let Some(shard) = self.links.get_mut(k) else {
+                continue;
+            };
             log::info!(
                 "redis cluster: {} no longer owns slots; closing its link",
-                self.links[k].addr
+                shard.addr
             );
-            self.links[k]
+            shard
                 .link
                 .close(registry, now, "no longer a master owning slots");
             self.pump(k, registry, now);
-            let shard = self.links.remove(k);
-            self.removed_reconnects += shard.link.reconnects();
+            if let Some(shard) = self.links.try_remove(k) {
+                self.removed_reconnects += shard.link.reconnects();
+            }
         }
         self.place_unplaced(registry, now);
         if self.unplaced > 0 || !self.is_up() {

@@ -51,8 +51,13 @@ pub struct ShardInfo {
 /// Reads a `CLUSTER SHARDS` reply: one [`ShardInfo`] per shard that owns slots and has a master
 /// with a usable address. Addresses are IPs (what Redis announces by default); a shard whose
 /// master announces only a host name is skipped with the reason, since the reactor cannot
-/// block on DNS.
-pub fn parse_shards(reply: &BytesFrame, tls: bool) -> Result<Vec<ShardInfo>, String> {
+/// block on DNS. A node that does not know its own address (a lone master reports `""`) is
+/// the one that answered: `answered_by`, as Redis's documentation tells clients.
+pub fn parse_shards(
+    reply: &BytesFrame,
+    tls: bool,
+    answered_by: IpAddr,
+) -> Result<Vec<ShardInfo>, String> {
     let BytesFrame::Array { data: shards, .. } = reply else {
         return Err(format!("CLUSTER SHARDS: expected an array, got {reply:?}"));
     };
@@ -95,10 +100,15 @@ pub fn parse_shards(reply: &BytesFrame, tls: bool) -> Result<Vec<ShardInfo>, Str
             .and_then(number)
             .and_then(|p| u16::try_from(p).ok())
             .filter(|&p| p != 0);
-        let ip = ["endpoint", "ip"]
+        let announced: Vec<String> = ["endpoint", "ip"]
             .iter()
             .filter_map(|k| text(field(master, k)))
-            .find_map(|h| h.parse::<IpAddr>().ok());
+            .collect();
+        let ip = if announced.iter().all(|h| h.is_empty()) {
+            Some(answered_by)
+        } else {
+            announced.iter().find_map(|h| h.parse::<IpAddr>().ok())
+        };
         match (ip, port) {
             (Some(ip), Some(port)) => out.push(ShardInfo {
                 addr: SocketAddr::new(ip, port),
@@ -237,7 +247,8 @@ mod tests {
                 ("nodes", array(vec![node("master", 7001, "failed")])),
             ]),
         ]);
-        let shards = parse_shards(&reply, false).unwrap();
+        let local: IpAddr = "127.0.0.9".parse().unwrap();
+        let shards = parse_shards(&reply, false, local).unwrap();
         assert_eq!(
             shards,
             [ShardInfo {
@@ -245,9 +256,25 @@ mod tests {
                 slots: vec![(0, 5460), (10923, 10930)],
             }]
         );
-        assert!(parse_shards(&num(1), false).is_err());
+        assert!(parse_shards(&num(1), false, local).is_err());
         let bad = array(vec![map(vec![("slots", array(vec![num(5), num(1)]))])]);
-        assert!(parse_shards(&bad, false).is_err());
+        assert!(parse_shards(&bad, false, local).is_err());
+        // A lone master does not know its address: it is the node that answered.
+        let lone = array(vec![map(vec![
+            ("slots", array(vec![num(0), num(16383)])),
+            (
+                "nodes",
+                array(vec![map(vec![
+                    ("port", num(7000)),
+                    ("ip", blob("")),
+                    ("endpoint", blob("")),
+                    ("role", blob("master")),
+                    ("health", blob("online")),
+                ])]),
+            ),
+        ])]);
+        let shards = parse_shards(&lone, false, local).unwrap();
+        assert_eq!(shards[0].addr, "127.0.0.9:7000".parse().unwrap());
     }
 
     #[test]
