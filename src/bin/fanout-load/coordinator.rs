@@ -136,7 +136,9 @@ pub fn run(options: &Options) -> Result<Report> {
     std::thread::sleep(Duration::from_secs_f64(options.settle));
     let rss_after = procfs::total_rss_kib(pids).context("server RSS after connecting")?;
     let cpu_start = procfs::total_cpu_seconds(pids)?;
-    let redis_start = options.redis_pid.map(procfs::cpu_seconds).transpose()?;
+    let redis_start = (options.redis_pids.iter())
+        .map(|&pid| procfs::cpu_seconds(pid))
+        .collect::<Result<Vec<f64>>>()?;
 
     workers.tell_all("GO")?;
     let run_wait = Duration::from_secs_f64(options.duration + 60.0);
@@ -153,10 +155,9 @@ pub fn run(options: &Options) -> Result<Report> {
         .map(|line| serde_json::from_str(line).context("bad RESULT line"))
         .collect::<Result<_>>()?;
     let server_cpu = procfs::total_cpu_seconds(pids)? - cpu_start;
-    let redis_cpu = match (options.redis_pid, redis_start) {
-        (Some(pid), Some(start)) => Some(procfs::cpu_seconds(pid)? - start),
-        _ => None,
-    };
+    let redis_cpu = (options.redis_pids.iter().zip(&redis_start))
+        .map(|(&pid, start)| Ok(procfs::cpu_seconds(pid)? - start))
+        .collect::<Result<Vec<f64>>>()?;
     let rss_end = procfs::total_rss_kib(pids)?;
     drop(workers);
 

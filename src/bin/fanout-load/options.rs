@@ -95,9 +95,10 @@ pub struct Options {
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
 
-    /// PID of a Redis server whose CPU time is reported separately.
-    #[arg(long)]
-    pub redis_pid: Option<u32>,
+    /// PID of a Redis server whose CPU time is reported separately; repeat for the shards of a
+    /// Redis Cluster (each reported, and their sum).
+    #[arg(long = "redis-pid")]
+    pub redis_pids: Vec<u32>,
 
     /// Seconds to wait after the last upgrade before measuring RSS and starting.
     #[arg(long, default_value_t = 1.0)]

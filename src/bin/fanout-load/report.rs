@@ -16,7 +16,8 @@ pub struct ServerFigures {
     pub rss_after_kib: u64,
     pub rss_end_kib: u64,
     pub cpu_seconds: f64,
-    pub redis_cpu_seconds: Option<f64>,
+    /// One figure per `--redis-pid`, in the order given.
+    pub redis_cpu_seconds: Vec<f64>,
 }
 
 /// Percentiles in microseconds.
@@ -99,7 +100,10 @@ pub struct Report {
     pub per_server_cpu_s: f64,
     /// Server CPU-seconds per million deliveries (pub/sub) or cycles (churn): µs per delivery.
     pub server_cpu_s_per_million: f64,
+    /// Summed over every `--redis-pid` (none: null).
     pub redis_cpu_s: Option<f64>,
+    /// Each `--redis-pid`'s CPU-seconds, in the order given (the shards of a Redis Cluster).
+    pub redis_cpu_s_each: Vec<f64>,
     pub load_cpu_s: f64,
     pub errors: BTreeMap<String, u64>,
     /// Failures a script should treat as a failed run: losses, duplicates, errors.
@@ -201,7 +205,9 @@ impl Report {
             } else {
                 0.0
             },
-            redis_cpu_s: server.redis_cpu_seconds,
+            redis_cpu_s: (!server.redis_cpu_seconds.is_empty())
+                .then(|| server.redis_cpu_seconds.iter().sum()),
+            redis_cpu_s_each: server.redis_cpu_seconds.clone(),
             load_cpu_s: results.iter().map(|r| r.cpu_seconds).sum(),
             errors,
             ok: false,
@@ -330,7 +336,17 @@ impl Report {
             );
         }
         if let Some(redis) = self.redis_cpu_s {
-            row("redis CPU", format!("{redis:.2} s"));
+            if self.redis_cpu_s_each.len() > 1 {
+                let each: Vec<String> = (self.redis_cpu_s_each.iter())
+                    .map(|s| format!("{s:.2}"))
+                    .collect();
+                row(
+                    "redis CPU",
+                    format!("{redis:.2} s ({} s per process)", each.join(" + ")),
+                );
+            } else {
+                row("redis CPU", format!("{redis:.2} s"));
+            }
         }
         row("load tool CPU", format!("{:.2} s", self.load_cpu_s));
         for (what, n) in &self.errors {
