@@ -3,19 +3,23 @@
 //! way: start and stop processes by PID ([`Server`], [`Redis`]), speak plain HTTP ([`exchange`],
 //! [`http_get`]) and WebSocket over raw sockets ([`Ws`], with the test side's own frame encoder
 //! and parser in `frames.rs`, independent of the server's codec), talk RESP to Redis
-//! ([`RedisConn`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
-//! a client library, so tests can put exact bytes on the wire (half frames, resets, stalls).
+//! ([`RedisConn`]), run a real Redis Cluster ([`RedisCluster`], in `cluster.rs`), and parse the
+//! Prometheus exposition strictly ([`Metrics`]). Raw sockets, not a client library, so tests can
+//! put exact bytes on the wire (half frames, resets, stalls).
 //!
 //! Time: no helper asserts how fast anything is. [`PATIENCE`] is how long a helper waits for
 //! something that normally takes milliseconds before it gives up, long enough that only a
 //! stuck server (never a busy machine) reaches it.
 #![allow(dead_code)]
 
+mod cluster;
 mod frames;
 mod http;
 mod redis;
 
 // Not every test file uses every part; the helpers are still one shared set.
+#[allow(unused_imports)]
+pub use self::cluster::*;
 #[allow(unused_imports)]
 pub use self::frames::*;
 #[allow(unused_imports)]
