@@ -221,7 +221,7 @@ impl RedisCluster {
         assert!(masters >= 3, "redis-cli --cluster create needs 3 masters");
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "fanout-cluster-{}-{}",
+            "redis-cluster-test-{}-{}",
             std::process::id(),
             CLUSTERS.fetch_add(1, Ordering::Relaxed)
         ));

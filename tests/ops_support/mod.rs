@@ -3,15 +3,15 @@
 //! way: start and stop processes by PID ([`Server`], [`Redis`]), speak plain HTTP ([`exchange`],
 //! [`http_get`]) and WebSocket over raw sockets ([`Ws`], with the test side's own frame encoder
 //! and parser in `frames.rs`, independent of the server's codec), talk RESP to Redis
-//! ([`RedisConn`]), run a real Redis Cluster ([`RedisCluster`], in `cluster.rs`), and parse the
-//! Prometheus exposition strictly ([`Metrics`]). Raw sockets, not a client library, so tests can
-//! put exact bytes on the wire (half frames, resets, stalls).
+//! ([`RedisConn`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
+//! a client library, so tests can put exact bytes on the wire (half frames, resets, stalls).
 //!
 //! Time: no helper asserts how fast anything is. [`PATIENCE`] is how long a helper waits for
 //! something that normally takes milliseconds before it gives up, long enough that only a
 //! stuck server (never a busy machine) reaches it.
 #![allow(dead_code)]
 
+/// A real Redis Cluster ([`RedisCluster`]): slot migration, failover, restart, added shards.
 mod cluster;
 mod frames;
 mod http;
