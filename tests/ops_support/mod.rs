@@ -12,6 +12,8 @@
 //! stuck server (never a busy machine) reaches it.
 #![allow(dead_code)]
 
+/// A real Redis Cluster ([`RedisCluster`]): slot migration, failover, restart, added shards.
+mod cluster;
 mod frames;
 mod http;
 mod redis;
@@ -19,6 +21,8 @@ mod tls;
 mod tokens;
 
 // Not every test file uses every part; the helpers are still one shared set.
+#[allow(unused_imports)]
+pub use self::cluster::*;
 #[allow(unused_imports)]
 pub use self::frames::*;
 #[allow(unused_imports)]
@@ -493,6 +497,66 @@ impl Drop for KeepAlive {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A JSON client on a node that publishes `size`-byte messages to `channels` in turn, as fast
+/// as the node takes them, from its own thread (another one drains the replies) until dropped:
+/// the node's Redis link(s) always have a backlog of publishes to write, so a SUBSCRIBE sent
+/// meanwhile waits behind them.
+pub struct Flood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    pub fn start(node: &Server, channels: &[String], size: usize) -> Flood {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut reader = node.ws_json("/ws");
+        let mut writer = Ws::from_stream(reader.stream.try_clone().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let data = "x".repeat(size);
+        let commands: Vec<String> = channels
+            .iter()
+            .map(|c| format!(r#"{{"op":"publish","channel":"{c}","data":"{data}"}}"#))
+            .collect();
+        let write = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for command in commands.iter().cycle() {
+                    if stop.load(Ordering::Relaxed)
+                        || writer.send(TEXT, command.as_bytes()).is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+        };
+        let read = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match reader.recv(Duration::from_millis(100)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        Flood {
+            stop,
+            threads: vec![write, read],
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

@@ -132,6 +132,15 @@ impl RedisConn {
     }
 }
 
+/// The lines of a `CLIENT LIST` reply for connections named `fanout`.
+pub fn fanout_client_lines(client_list: &str) -> Vec<String> {
+    client_list
+        .lines()
+        .filter(|l| l.contains(" name=fanout "))
+        .map(str::to_string)
+        .collect()
+}
+
 /// A throwaway redis-server on a loopback port; killed (by PID) when dropped.
 pub struct Redis {
     pub port: u16,
@@ -313,12 +322,7 @@ impl Redis {
     /// Lines of `CLIENT LIST` for connections named `fanout` (what every reactor link calls
     /// itself).
     pub fn fanout_links(&self) -> Vec<String> {
-        self.call(&[b"CLIENT", b"LIST"])
-            .text()
-            .lines()
-            .filter(|l| l.contains(" name=fanout "))
-            .map(str::to_string)
-            .collect()
+        fanout_client_lines(&self.call(&[b"CLIENT", b"LIST"]).text())
     }
 }
 
