@@ -1,10 +1,25 @@
-//! Command-line flags, their `FANOUT_*` environment-variable equivalents, and validation.
+//! Command-line flags, their `FANOUT_*` environment-variable equivalents, the configuration
+//! file, and validation.
 //!
-//! Everything a reactor needs at run time is in [`Config`], built once at start and shared
-//! read-only. Bad values are refused here, before any socket is opened, with a message that names
-//! the option.
+//! Everything a reactor needs at run time is in [`Config`], built once at start by
+//! [`Config::load`] and shared read-only. Bad values are refused here, before any socket is
+//! opened, with a message that names the option: every message of [`Config::from_args`] starts
+//! with `--flag:`, which is how an error about a value from the file is told apart and reported
+//! with the file, the line and the key instead.
+//!
+//! - `file`: `--config PATH`, the TOML file that can set every option (precedence: flag >
+//!   environment > file > default), with no code per option; [`LoadError`].
+//! - `namespace`: the file's `[[namespace]]` tables, rules per channel-name pattern:
+//!   [`Namespace`], [`Config::namespace_for`].
+
+mod file;
+mod namespace;
+
+pub use file::LoadError;
+pub use namespace::{Namespace, PublishRule, SubscribeRule};
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -19,6 +34,11 @@ use clap::Parser;
     long_about = None
 )]
 pub struct Args {
+    /// TOML file that sets any of these options under its name in snake_case (max_message =
+    /// 65536) and the channel namespaces; a flag or an environment variable wins over it.
+    #[arg(long, env = "FANOUT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on (HTTP and WebSocket share it). Port 0 picks a free port.
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
@@ -81,9 +101,15 @@ pub struct Args {
     #[arg(long, env = "FANOUT_DRAIN_TIME", default_value = "10")]
     pub drain_time: String,
 
-    /// Comma-separated Origin header values allowed to open WebSockets (403 otherwise). Empty: any origin.
-    #[arg(long, env = "FANOUT_ALLOWED_ORIGINS", default_value = "")]
-    pub allowed_origins: String,
+    /// Comma-separated Origin header values allowed to open WebSockets (403 otherwise); the flag
+    /// may be repeated. Empty: any origin.
+    #[arg(
+        long,
+        env = "FANOUT_ALLOWED_ORIGINS",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
 
     /// Messages per second one connection may send (bursts up to the same number); over it: close 1008 "rate limit". 0: unlimited.
     #[arg(long, env = "FANOUT_MAX_MESSAGE_RATE", default_value = "0")]
@@ -95,7 +121,7 @@ pub struct Args {
 
     /// permessage-deflate (RFC 7692) for clients that offer it: `on` or `off`. Each broadcast is
     /// compressed once per reactor and shared by every subscriber that negotiated it.
-    #[arg(long, env = "FANOUT_COMPRESSION", default_value = "off")]
+    #[arg(long, env = "FANOUT_COMPRESSION", default_value = "off", value_parser = ["on", "off"])]
     pub compression: String,
 
     /// Messages shorter than this many bytes are sent uncompressed even to compressing clients.
@@ -151,10 +177,27 @@ pub struct Config {
     pub auth: std::sync::Arc<crate::auth::Verifier>,
     /// Hidden `--fault-panic-reactor`: which reactor panics on its first upgrade (tests only).
     pub fault_panic_reactor: Option<usize>,
+    /// The configuration file read at start (`--config`), if any.
+    pub config_file: Option<PathBuf>,
+    /// The file's `[[namespace]]` tables in file order (empty without any); use
+    /// [`Config::namespace_for`].
+    pub namespaces: Vec<Namespace>,
 }
 
 impl Config {
-    /// Validates parsed flags; the error names the offending option.
+    /// Parses the command line (`argv`, program name first), the environment and the
+    /// configuration file it names, and validates them all. `main` calls
+    /// [`LoadError::exit`] on an error.
+    pub fn load<I, T>(argv: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        file::load(argv)
+    }
+
+    /// Validates parsed flags; the error names the offending option. Flags only: the
+    /// configuration file (`args.config`) is read by [`Config::load`].
     pub fn from_args(args: Args) -> anyhow::Result<Config> {
         let listen: SocketAddr = args.listen.parse().with_context(|| {
             format!(
@@ -202,7 +245,8 @@ impl Config {
         }
         let allowed_origins = args
             .allowed_origins
-            .split(',')
+            .iter()
+            .flat_map(|list| list.split(','))
             .map(|s| s.trim().trim_end_matches('/').to_string())
             .filter(|s| !s.is_empty())
             .collect();
@@ -245,7 +289,15 @@ impl Config {
             )?,
             auth: crate::auth::Verifier::from_args(&args.auth)?,
             fault_panic_reactor: args.fault_panic_reactor,
+            config_file: None,
+            namespaces: Vec::new(),
         })
+    }
+
+    /// The namespace whose rules apply to `channel`: the first configured one that matches,
+    /// else the open default (anyone subscribes, clients publish), as with no namespaces at all.
+    pub fn namespace_for(&self, channel: &str) -> &Namespace {
+        namespace::find(&self.namespaces, channel)
     }
 
     /// The Redis URLs the node connects to first: `--redis`, or the `--redis-cluster` seeds.

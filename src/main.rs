@@ -1,17 +1,11 @@
-//! The `fanout` binary: parse flags, set up logging, run the node until it has drained.
+//! The `fanout` binary: parse flags and the configuration file, set up logging, run the node
+//! until it has drained.
 
-use clap::Parser;
-use fanout::config::{Args, Config};
+use fanout::config::Config;
 
 fn main() {
-    let args = Args::parse();
-    let config = match Config::from_args(args) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fanout: bad configuration: {e:#}");
-            std::process::exit(2);
-        }
-    };
+    // Exit status 2 for a bad flag, environment variable or configuration file.
+    let config = Config::load(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let mut logger = env_logger::Builder::new();
     logger.filter_level(config.log_level);
     if let Ok(spec) = std::env::var("RUST_LOG") {

@@ -751,10 +751,10 @@ fn help_lists_every_option_with_its_environment_variable() {
         );
         documented += 1;
     }
-    assert_eq!(documented, 25, "README documents 25 options");
+    assert_eq!(documented, 26, "README documents 26 options");
     assert_eq!(
         blocks.len(),
-        25,
+        26,
         "--help lists an option the README does not: {stdout}"
     );
 }
