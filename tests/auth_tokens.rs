@@ -336,3 +336,199 @@ fn bad_auth_options_stop_the_server() {
         assert!(stderr.contains(why), "{args:?}: {stderr:?} lacks {why:?}");
     }
 }
+
+/// A node with the README's chat namespaces, from a real configuration file.
+fn with_namespaces(extra: &[&str]) -> (Server, std::path::PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("fanout-ns-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fanout.toml");
+    std::fs::write(
+        &file,
+        r#"
+token_hmac_secret = "fanout-test-secret-0123456789"
+
+[[namespace]]
+name = "public:*"
+subscribe = "anyone"
+publish = "clients"
+
+[[namespace]]
+name = "user:*"
+subscribe = "owner"
+publish = "owner"
+
+[[namespace]]
+name = "team:*"
+subscribe = "token"
+publish = "token"
+
+[[namespace]]
+name = "announce:*"
+subscribe = "anyone"
+publish = "server"
+"#,
+    )
+    .unwrap();
+    let mut args = vec!["--config", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Server::start(&args), dir)
+}
+
+fn subscribe_reply(ws: &mut Ws, channel: &str) -> Value {
+    ws.send_text(&json!({"op":"subscribe","channel":channel,"id":"s"}).to_string());
+    ws.next_json(&format!("subscribe {channel}"))
+}
+
+fn json_ws(server: &Server, token: Option<&str>) -> Ws {
+    let path = token.map_or("/ws".to_string(), |t| format!("/ws?token={t}"));
+    Ws::connect(server.addr, &path, Some("fanout.json")).unwrap()
+}
+
+#[test]
+fn namespaces_decide_who_subscribes_and_publishes() {
+    let (server, dir) = with_namespaces(&[]);
+    let u42 = hs256(
+        &json!({"sub":"42","exp":unix_now()+600,"channels":["team:red"],"publish":["team:red"]}),
+    );
+    let u43 = hs256(&json!({"sub":"43","exp":unix_now()+600}));
+    let mut owner = json_ws(&server, Some(&u42));
+    let mut other = json_ws(&server, Some(&u43));
+    let mut anonymous = json_ws(&server, None);
+
+    // user:#42 belongs to sub 42 only.
+    assert_eq!(
+        subscribe_reply(&mut owner, "user:#42"),
+        json!({"op":"ok","id":"s"})
+    );
+    for (who, ws) in [("sub 43", &mut other), ("anonymous", &mut anonymous)] {
+        let reply = subscribe_reply(ws, "user:#42");
+        assert_eq!(reply["op"], "error", "{who}: {reply}");
+        let why = reply["error"].as_str().unwrap();
+        assert!(
+            why.contains("forbidden") && why.contains("\"user:*\"") && why.contains("owner"),
+            "{who}: {why}"
+        );
+    }
+    other.send_text(
+        &json!({"op":"publish","channel":"user:#42","data":"spoof","id":"p"}).to_string(),
+    );
+    let reply = other.next_json("publish to another's channel");
+    assert_eq!(reply["op"], "error", "{reply}");
+
+    // team:* needs the token's claims to allow it.
+    assert_eq!(
+        subscribe_reply(&mut owner, "team:red"),
+        json!({"op":"ok","id":"s"})
+    );
+    let reply = subscribe_reply(&mut other, "team:red");
+    assert!(
+        reply["error"].as_str().unwrap().contains("channels claim"),
+        "{reply}"
+    );
+    let reply = subscribe_reply(&mut anonymous, "team:red");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("a token is required"),
+        "{reply}"
+    );
+
+    // announce:* is read-only for every client; the server side still reaches subscribers.
+    assert_eq!(
+        subscribe_reply(&mut anonymous, "announce:news"),
+        json!({"op":"ok","id":"s"})
+    );
+    owner.send_text(
+        &json!({"op":"publish","channel":"announce:news","data":"from a client","id":"p"})
+            .to_string(),
+    );
+    let reply = owner.next_json("client publish to a server namespace");
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("only the server publishes"),
+        "{reply}"
+    );
+
+    // Open namespaces behave as before.
+    assert_eq!(
+        subscribe_reply(&mut anonymous, "public:lobby"),
+        json!({"op":"ok","id":"s"})
+    );
+    anonymous.send_text(
+        &json!({"op":"publish","channel":"public:lobby","data":"hi all","id":"p"}).to_string(),
+    );
+    let mut got = [
+        anonymous.next_json("anonymous"),
+        anonymous.next_json("anonymous"),
+    ];
+    got.sort_by_key(|v| v["op"] != "ok");
+    assert_eq!(
+        got[1],
+        json!({"op":"message","channel":"public:lobby","data":"hi all"})
+    );
+
+    // The owner publishes to its own channel and gets it, with its user set by the server.
+    owner
+        .send_text(&json!({"op":"publish","channel":"user:#42","data":"note to self"}).to_string());
+    assert_eq!(
+        owner.next_json("own channel"),
+        json!({"op":"message","channel":"user:#42","data":"note to self","user":"42"})
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn raw_mode_is_closed_4003_for_what_its_rules_refuse() {
+    let (server, dir) = with_namespaces(&[]);
+    let u43 = hs256(&claims("43"));
+    let mut refused = Ws::connect(
+        server.addr,
+        &format!("/ws?channel=user:%2342&token={u43}"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        refused.recv_close(PATIENCE).unwrap(),
+        (4003, "forbidden".to_string())
+    );
+    let mut reader = server.ws("/ws?channel=announce:news");
+    reader.send_text("raw clients may not publish here");
+    assert_eq!(
+        reader.recv_close(PATIENCE).unwrap(),
+        (4003, "forbidden".to_string())
+    );
+    assert_eq!(server.metrics().closed("auth"), 2.0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_server_namespace_takes_publishes_from_redis_but_not_from_clients() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let (server, dir) = with_namespaces(&["--redis", &url]);
+    assert!(
+        wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
+        "{}",
+        server.log()
+    );
+    let mut reader = json_ws(&server, None);
+    assert_eq!(
+        subscribe_reply(&mut reader, "announce:deploy"),
+        json!({"op":"ok","id":"s"})
+    );
+    reader.send_text(
+        &json!({"op":"publish","channel":"announce:deploy","data":"fake","id":"p"}).to_string(),
+    );
+    assert_eq!(reader.next_json("refused")["op"], "error");
+    assert_eq!(redis.publish("announce:deploy", b"v2 is live"), 1);
+    assert_eq!(
+        reader.next_json("from the backend"),
+        json!({"op":"message","channel":"announce:deploy","data":"v2 is live"})
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -143,16 +143,18 @@ impl Namespace {
         }
     }
 
-    /// For a `prefix*` pattern that matches `channel`, the rest of the name after the prefix:
-    /// who the channel belongs to under the `owner` rules (`user:*` makes `alice` the owner of
-    /// `user:alice`). `None` for an exact pattern, a catch-all `*` or a channel that does not
-    /// match: such channels have no owner, so an `owner` rule admits nobody there.
+    /// For a `prefix*` pattern that matches `channel`, the rest of the name after the prefix,
+    /// without a leading `#`: who the channel belongs to under the `owner` rules (`user:*` makes
+    /// user `42` the owner of `user:#42`, and `alice` of `user:alice`). `None` for an exact
+    /// pattern, a catch-all `*` or a channel that does not match: such channels have no owner,
+    /// so an `owner` rule admits nobody there.
     pub fn owner_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let prefix = self.pattern.strip_suffix('*')?;
         if prefix.is_empty() {
             return None;
         }
-        channel.strip_prefix(prefix).filter(|rest| !rest.is_empty())
+        let rest = channel.strip_prefix(prefix)?;
+        Some(rest.strip_prefix('#').unwrap_or(rest)).filter(|owner| !owner.is_empty())
     }
 
     /// Whether every channel `later` matches is matched by `self` too, so that `later`, coming
@@ -318,6 +320,8 @@ mod tests {
         assert!(ns("lobby").matches("lobby"));
         assert!(!ns("lobby").matches("lobby2"));
         assert_eq!(ns("user:*").owner_of("user:alice"), Some("alice"));
+        assert_eq!(ns("user:*").owner_of("user:#42"), Some("42"));
+        assert_eq!(ns("user:*").owner_of("user:#"), None);
         assert_eq!(ns("user:*").owner_of("user:"), None);
         assert_eq!(ns("user:*").owner_of("room:1"), None);
         assert_eq!(ns("*").owner_of("alice"), None);

@@ -23,12 +23,15 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::Reactor;
+use crate::auth;
 use crate::broker::bus::{Control, Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
 use crate::broker::channels::{Subscriber, Subscription};
 use crate::broker::redis::Ack;
 use crate::broker::{self, Compression, Message};
 use crate::connection::{Action, Close};
+use crate::metrics::CloseReason;
 use crate::protocol;
+use crate::ws::CloseCode;
 
 /// The node's Redis reactor.
 const HUB: usize = 0;
@@ -105,6 +108,15 @@ impl Reactor {
                         },
                     };
                     let from = conn.identity().cloned();
+                    let name = String::from_utf8_lossy(&channel);
+                    let namespace = self.shared.config.namespace_for(&name);
+                    if let Err(why) = auth::may_publish(namespace, from.as_deref(), &name) {
+                        match reply {
+                            Some(id) => self.reply(key, id.as_deref(), Err(why)),
+                            None => self.forbidden(key),
+                        }
+                        continue;
+                    }
                     let msg = Message::from_frame(channel, frame, payload_at).with_from(from);
                     self.publish(key, msg, reply);
                 }
@@ -155,6 +167,14 @@ impl Reactor {
         Ok(())
     }
 
+    /// Raw mode has no error replies: what its token's rules refuse closes it (4003).
+    pub(super) fn forbidden(&mut self, key: usize) {
+        self.close(
+            key,
+            Close::new(CloseCode::Forbidden, "forbidden", CloseReason::Auth),
+        );
+    }
+
     /// Queues a JSON `ok` or `error` reply; one that overflows the queue closes the connection.
     pub(super) fn reply(&mut self, key: usize, id: Option<&str>, result: Result<(), String>) {
         let Some(conn) = self.conns.open(key) else {
@@ -178,6 +198,8 @@ impl Reactor {
         let Some(conn) = self.conns.open(key) else {
             return Err("connection is closing".into());
         };
+        let namespace = self.shared.config.namespace_for(name);
+        auth::may_subscribe(namespace, conn.identity().map(|i| &**i), name)?;
         if let Some(id) = self.channels.id(name.as_bytes()) {
             if conn.is_subscribed(id) {
                 return Ok(self.confirmation(name.as_bytes()));

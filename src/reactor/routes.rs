@@ -191,8 +191,15 @@ impl Reactor {
             panic!("--fault-panic-reactor {}: injected fault", self.index);
         }
         if let Some(channel) = up.channel {
-            // The first subscription of a fresh connection is always within the limit.
-            let _ = self.subscribe(key, &channel);
+            // The first subscription of a fresh connection is always within the limit, so a
+            // refusal is the namespace's rule: a JSON client is told, a raw one closed (4003).
+            if let Err(why) = self.subscribe(key, &channel) {
+                if up.json {
+                    self.reply(key, None, Err(why));
+                } else {
+                    self.forbidden(key);
+                }
+            }
         }
         self.mark_dirty(key);
         if !rest.is_empty() {
