@@ -701,10 +701,10 @@ mod tests {
     #[test]
     fn an_option_added_later_needs_no_code() {
         let cmd = Args::command()
-            .arg(Arg::new("token_hmac_secret_file").long("token-hmac-secret-file"))
+            .arg(Arg::new("token_audience").long("token-audience"))
             .arg(Arg::new("token_issuer").long("token-issuer"));
         let file = TempFile::new(
-            "token_hmac_secret_file = \"/run/secrets/hmac\"\ntoken_issuer = \"me\"\nmax_message = 100\n",
+            "token_audience = \"chat\"\ntoken_issuer = \"me\"\nmax_message = 100\n",
         );
         let matches = cmd
             .clone()
@@ -715,7 +715,7 @@ mod tests {
         assert_eq!(
             args,
             [
-                "--token-hmac-secret-file=/run/secrets/hmac",
+                "--token-audience=chat",
                 "--max-message=100"
             ],
             "the file's token_issuer is overridden by the flag"
