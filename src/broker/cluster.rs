@@ -126,6 +126,15 @@ impl RedisCluster {
             .is_some_and(|k| k < MAX_LINKS)
     }
 
+    /// The map is known and some master that owns slots is reachable.
+    pub fn ready(&self) -> bool {
+        self.known
+            && self
+                .links
+                .iter()
+                .any(|(_, s)| s.owns_slots && s.link.is_up())
+    }
+
     /// The map is known and the master of every slot in it is reachable.
     pub fn is_up(&self) -> bool {
         self.known

@@ -84,11 +84,13 @@ impl Upstream {
         }
     }
 
-    /// Whether Redis can take every request now (with a cluster: every shard).
-    pub fn is_up(&self) -> bool {
+    /// Whether the node is ready as far as Redis goes: its link is up; with a cluster, the map
+    /// is known and some shard is reachable. One shard failing over is a partial outage the
+    /// metrics show (`fanout_redis_links_up`), not a reason to take every node out of service.
+    pub fn ready(&self) -> bool {
         match self {
             Upstream::Single(link) => link.is_up(),
-            Upstream::Cluster(c) => c.is_up(),
+            Upstream::Cluster(c) => c.ready(),
         }
     }
 

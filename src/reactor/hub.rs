@@ -382,7 +382,7 @@ impl Reactor {
             }
         }
         if let Some(redis) = &self.redis {
-            let up = redis.is_up();
+            let up = redis.ready();
             if let Some(me) = self.shared.reactors.get(self.index) {
                 me.redis_up.store(up, Ordering::Release);
             }
