@@ -19,8 +19,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::config::{Namespace, PublishRule, SubscribeRule};
-
 /// Seconds of clock difference between the backend and the node tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
 /// Longest token accepted, in bytes: a request head is at most 8 KiB anyway.
@@ -73,66 +71,6 @@ impl Identity {
             .iter()
             .any(|p| pattern_matches(p, channel))
     }
-}
-
-/// Whether a client may subscribe to `channel` under its namespace's rule; the error names the
-/// rule, for the JSON error reply (raw mode closes 4003).
-pub fn may_subscribe(ns: &Namespace, who: Option<&Identity>, channel: &str) -> Result<(), String> {
-    let allowed = match ns.subscribe {
-        SubscribeRule::Anyone => true,
-        SubscribeRule::Token => {
-            who.is_some_and(|i| Identity::allows(i.channels.as_deref(), channel))
-        }
-        SubscribeRule::Owner => owns(ns, who, channel),
-    };
-    refusal(allowed, "subscribe", ns.subscribe.as_str(), ns, who)
-}
-
-/// Whether a client may publish to `channel` under its namespace's rule.
-pub fn may_publish(ns: &Namespace, who: Option<&Identity>, channel: &str) -> Result<(), String> {
-    let allowed = match ns.publish {
-        PublishRule::Clients => true,
-        PublishRule::Token => who.is_some_and(|i| Identity::allows(i.publish.as_deref(), channel)),
-        PublishRule::Owner => owns(ns, who, channel),
-        PublishRule::Server => false,
-    };
-    refusal(allowed, "publish", ns.publish.as_str(), ns, who)
-}
-
-fn owns(ns: &Namespace, who: Option<&Identity>, channel: &str) -> bool {
-    match (who, ns.owner_of(channel)) {
-        (Some(i), Some(owner)) => *i.user == *owner,
-        _ => false,
-    }
-}
-
-fn refusal(
-    allowed: bool,
-    action: &str,
-    rule: &str,
-    ns: &Namespace,
-    who: Option<&Identity>,
-) -> Result<(), String> {
-    if allowed {
-        return Ok(());
-    }
-    let why = match (rule, who) {
-        ("server", _) => "only the server publishes there".to_string(),
-        (_, None) => "a token is required".to_string(),
-        ("token", Some(_)) => format!(
-            "the token's {} claim does not allow it",
-            if action == "subscribe" {
-                "channels"
-            } else {
-                "publish"
-            }
-        ),
-        (_, Some(i)) => format!("only the channel's owner may, and user {:?} is not", i.user),
-    };
-    Err(format!(
-        "forbidden: namespace {:?} has {action} = {rule:?}: {why}",
-        ns.pattern
-    ))
 }
 
 /// `*` matches everything, `prefix*` what starts with the prefix, anything else itself.

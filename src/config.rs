@@ -14,6 +14,7 @@
 
 mod file;
 mod namespace;
+mod words;
 
 pub use file::LoadError;
 pub use namespace::{Namespace, PublishRule, SubscribeRule};

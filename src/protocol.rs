@@ -195,12 +195,20 @@ pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes 
     envelope_from(channel, payload, None, scratch)
 }
 
+/// Who published a message, as a delivery names them: the token's `sub` and its `info` claim
+/// (verbatim JSON).
+#[derive(Debug, Clone, Copy)]
+pub struct Author<'a> {
+    pub user: &'a str,
+    pub info: Option<&'a str>,
+}
+
 /// [`envelope`] of a message an authenticated client published: `"user"` (the token's `sub`)
 /// and `"info"` (its `info` claim) are set by the server, never taken from the payload.
 pub fn envelope_from(
     channel: &[u8],
     payload: &[u8],
-    from: Option<&crate::auth::Identity>,
+    from: Option<Author<'_>>,
     scratch: &mut Vec<u8>,
 ) -> Bytes {
     scratch.clear();
@@ -219,10 +227,10 @@ pub fn envelope_from(
     }
     if let Some(from) = from {
         scratch.extend_from_slice(b",\"user\":");
-        serde_json::to_writer(&mut *scratch, &*from.user).expect("writing to a Vec cannot fail");
-        if let Some(info) = &from.info {
+        serde_json::to_writer(&mut *scratch, from.user).expect("writing to a Vec cannot fail");
+        if let Some(info) = from.info {
             scratch.extend_from_slice(b",\"info\":");
-            scratch.extend_from_slice(info.get().as_bytes());
+            scratch.extend_from_slice(info.as_bytes());
         }
     }
     scratch.push(b'}');

@@ -1,6 +1,7 @@
 //! Who gets a message: the per-reactor channel table ([`channels`]), the queues between reactors
-//! of one node ([`bus`]), and the Redis link that joins nodes ([`redis`], over plain TCP or TLS:
-//! [`tls`]).
+//! of one node ([`bus`]), and what joins nodes: one Redis ([`redis`], over plain TCP or TLS:
+//! [`tls`]) or a Redis Cluster ([`cluster`], [`slots`]), behind one interface ([`upstream`]),
+//! with the publisher's identity carried along ([`origin`]).
 //!
 //! A [`Message`] is framed once, when it enters a reactor, into the exact bytes a raw-mode
 //! subscriber receives; every local subscriber gets a clone of that one `Bytes` (a reference-count
@@ -47,9 +48,8 @@ pub fn fanout(
     let Some(channel) = channels.get(&msg.channel) else {
         return 0;
     };
-    let envelope = (channel.json_subscribers > 0).then(|| {
-        protocol::envelope_from(&channel.name, msg.payload(), msg.from.as_deref(), scratch)
-    });
+    let envelope = (channel.json_subscribers > 0)
+        .then(|| protocol::envelope_from(&channel.name, msg.payload(), msg.author(), scratch));
     let text = msg
         .frame
         .first()
@@ -93,6 +93,14 @@ impl Message {
             payload_at,
             from: None,
         }
+    }
+
+    /// Who published it, as deliveries name them.
+    pub fn author(&self) -> Option<protocol::Author<'_>> {
+        self.from.as_deref().map(|i| protocol::Author {
+            user: &i.user,
+            info: i.info.as_deref().map(|raw| raw.get()),
+        })
     }
 
     /// The same message, published by `from`.

@@ -9,7 +9,8 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use super::file::expected;
+use super::words::{did_you_mean, expected};
+use crate::auth::Identity;
 
 /// Who may subscribe to a channel of a namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +179,7 @@ impl Namespace {
         };
         for key in table.keys() {
             if !KEYS.contains(&key.as_str()) {
-                let hint = super::file::did_you_mean(key, KEYS.iter().copied());
+                let hint = did_you_mean(key, KEYS.iter().copied());
                 return Err(TableError {
                     key: key.clone(),
                     message: format!("unknown key {key:?}{hint}"),
@@ -294,6 +295,71 @@ fn word(value: &toml::Value) -> Result<&str, String> {
 
 fn one_of(word: &str, names: &[&str]) -> String {
     format!("{word:?} is not one of {}", names.join(", "))
+}
+
+/// The rules, applied to a client when it subscribes and publishes (never per delivery).
+impl Namespace {
+    /// Whether a client (`who`: its token's identity, if any) may subscribe to `channel`; the
+    /// error names the rule, for the JSON error reply (raw mode closes 4003).
+    pub fn may_subscribe(&self, who: Option<&Identity>, channel: &str) -> Result<(), String> {
+        let allowed = match self.subscribe {
+            SubscribeRule::Anyone => true,
+            SubscribeRule::Token => {
+                who.is_some_and(|i| Identity::allows(i.channels.as_deref(), channel))
+            }
+            SubscribeRule::Owner => self.owned_by(who, channel),
+        };
+        self.refusal(allowed, "subscribe", self.subscribe.as_str(), who)
+    }
+
+    /// Whether a client may publish to `channel`.
+    pub fn may_publish(&self, who: Option<&Identity>, channel: &str) -> Result<(), String> {
+        let allowed = match self.publish {
+            PublishRule::Clients => true,
+            PublishRule::Token => {
+                who.is_some_and(|i| Identity::allows(i.publish.as_deref(), channel))
+            }
+            PublishRule::Owner => self.owned_by(who, channel),
+            PublishRule::Server => false,
+        };
+        self.refusal(allowed, "publish", self.publish.as_str(), who)
+    }
+
+    fn owned_by(&self, who: Option<&Identity>, channel: &str) -> bool {
+        match (who, self.owner_of(channel)) {
+            (Some(i), Some(owner)) => *i.user == *owner,
+            _ => false,
+        }
+    }
+
+    fn refusal(
+        &self,
+        allowed: bool,
+        action: &str,
+        rule: &str,
+        who: Option<&Identity>,
+    ) -> Result<(), String> {
+        if allowed {
+            return Ok(());
+        }
+        let why = match (rule, who) {
+            ("server", _) => "only the server publishes there".to_string(),
+            (_, None) => "a token is required".to_string(),
+            ("token", Some(_)) => format!(
+                "the token's {} claim does not allow it",
+                if action == "subscribe" {
+                    "channels"
+                } else {
+                    "publish"
+                }
+            ),
+            (_, Some(i)) => format!("only the channel's owner may, and user {:?} is not", i.user),
+        };
+        Err(format!(
+            "forbidden: namespace {:?} has {action} = {rule:?}: {why}",
+            self.pattern
+        ))
+    }
 }
 
 #[cfg(test)]

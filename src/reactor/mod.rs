@@ -1,5 +1,6 @@
 //! The event loop of one reactor thread: a mio `Poll`, its own listener, its slab of connections,
-//! its channel table and, on reactor 0 with `--redis`, the node's one Redis link. Nothing here is
+//! its channel table and, on reactor 0 with `--redis` or `--redis-cluster`, the node's Redis link
+//! (or one link per cluster shard). Nothing here is
 //! shared with other threads except the mailbox other reactors post to and the counters they read.
 //!
 //! One turn of the loop: wait for readiness; accept, read and parse; run what the messages ask

@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::Reactor;
-use crate::auth;
 use crate::broker::bus::{Control, Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
 use crate::broker::channels::{Subscriber, Subscription};
 use crate::broker::redis::Ack;
@@ -110,7 +109,7 @@ impl Reactor {
                     let from = conn.identity().cloned();
                     let name = String::from_utf8_lossy(&channel);
                     let namespace = self.shared.config.namespace_for(&name);
-                    if let Err(why) = auth::may_publish(namespace, from.as_deref(), &name) {
+                    if let Err(why) = namespace.may_publish(from.as_deref(), &name) {
                         match reply {
                             Some(id) => self.reply(key, id.as_deref(), Err(why)),
                             None => self.forbidden(key),
@@ -199,7 +198,7 @@ impl Reactor {
             return Err("connection is closing".into());
         };
         let namespace = self.shared.config.namespace_for(name);
-        auth::may_subscribe(namespace, conn.identity().map(|i| &**i), name)?;
+        namespace.may_subscribe(conn.identity().map(|i| &**i), name)?;
         if let Some(id) = self.channels.id(name.as_bytes()) {
             if conn.is_subscribed(id) {
                 return Ok(self.confirmation(name.as_bytes()));
