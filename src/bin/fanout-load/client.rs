@@ -54,14 +54,23 @@ pub fn min_payload_size(kind: PayloadKind) -> usize {
 /// plain frames, so nothing is offered about the client's own compression.
 pub const DEFLATE_OFFER: &str = "permessage-deflate; server_no_context_takeover";
 
-pub fn upgrade_request(host: &str, path: &str, channel: &str, compression: bool) -> Vec<u8> {
+/// The upgrade request for `channel`; `token` (already URL-safe, see `--token`) is appended to
+/// the query as `&token=`.
+pub fn upgrade_request(
+    host: &str,
+    path: &str,
+    channel: &str,
+    token: Option<&str>,
+    compression: bool,
+) -> Vec<u8> {
+    let token = token.map(|t| format!("&token={t}")).unwrap_or_default();
     let extensions = if compression {
         format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
     } else {
         String::new()
     };
     format!(
-        "GET {path}?channel={channel} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+        "GET {path}?channel={channel}{token} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
          {extensions}\r\n"
     )
@@ -636,13 +645,18 @@ mod tests {
             check_response(agreed.as_bytes(), false),
             Handshake::Refused(_)
         ));
-        let request = String::from_utf8(upgrade_request("h", "/ws", "c", true)).unwrap();
+        let request = String::from_utf8(upgrade_request("h", "/ws", "c", None, true)).unwrap();
         assert!(request.contains(&format!(
             "\r\nSec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"
         )));
         assert!(request.ends_with("\r\n\r\n"));
-        let plain = String::from_utf8(upgrade_request("h", "/ws", "c", false)).unwrap();
+        let plain = String::from_utf8(upgrade_request("h", "/ws", "c", None, false)).unwrap();
         assert!(!plain.contains("Extensions") && plain.ends_with("13\r\n\r\n"));
+        assert!(plain.starts_with("GET /ws?channel=c HTTP/1.1\r\n"));
+        let signed = String::from_utf8(upgrade_request("h", "/ws", "c", Some("a.b-c_d"), false));
+        assert!(signed
+            .unwrap()
+            .starts_with("GET /ws?channel=c&token=a.b-c_d HTTP/1.1\r\n"));
     }
 
     #[test]

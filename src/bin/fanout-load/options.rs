@@ -83,6 +83,11 @@ pub struct Options {
     #[arg(long)]
     pub compression: bool,
 
+    /// A token (a JWT) sent with every connection's upgrade as `&token=TOKEN` in the query, for a
+    /// server started with `--auth required`. URL-safe characters only (a JWT is).
+    #[arg(long)]
+    pub token: Option<String>,
+
     /// rooms: number of channels.
     #[arg(long, default_value_t = 10)]
     pub rooms: usize,
@@ -170,6 +175,12 @@ impl Options {
                 "--channel {:?}: 1-128 bytes of A-Z a-z 0-9 _ . : -",
                 self.channel
             );
+        }
+        if let Some(token) = &self.token {
+            let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b);
+            if token.is_empty() || !token.bytes().all(url_safe) {
+                bail!("--token: want URL-safe characters only (A-Z a-z 0-9 - _ . ~), as a JWT");
+            }
         }
         self.targets()?;
         self.source_octets()?;
@@ -323,6 +334,10 @@ mod tests {
         assert!(err.to_string().contains("--source-range"), "{err}");
         assert!(opts(&["rooms", "--channel", "a b"]).validate().is_err());
         assert!(opts(&["rooms"]).validate().is_ok());
+        assert!(opts(&["churn", "--token", "a b"]).validate().is_err());
+        assert!(opts(&["churn", "--token", "eyJh.eyJz.c2ln-_"])
+            .validate()
+            .is_ok());
     }
 
     #[test]

@@ -421,6 +421,7 @@ impl Worker {
             &target.host,
             &target.path,
             &channel,
+            self.options.token.as_deref(),
             self.options.compression,
         );
         conn.phase = Phase::Handshaking;
