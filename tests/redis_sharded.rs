@@ -792,3 +792,55 @@ fn an_added_shard_takes_slots_and_live_channels_keep_delivering() {
     everyone_publishes(&cluster, &mut groups, 10, "grown");
     external_spublish_reaches_everyone(&cluster, &mut groups, 2);
 }
+
+#[test]
+fn a_tls_cluster_is_reached_over_tls_on_every_shard() {
+    let certs = Certs::new();
+    let cert = certs.server("cluster", "IP:127.0.0.1,DNS:localhost");
+    let tls = ClusterTls {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        ca: certs.ca.clone(),
+    };
+    let cluster = RedisCluster::start_tls(3, 0, tls);
+    let seeds = cluster.tls_seeds();
+    let ca = certs.ca.to_string_lossy().into_owned();
+    let start = || {
+        let args = [
+            "--threads",
+            "2",
+            "--redis-cluster",
+            &seeds,
+            "--redis-ca-file",
+            &ca,
+        ];
+        let node = Server::start(&args);
+        assert!(
+            wait_status(node.addr, "/readyz", 200, PATIENCE).is_some(),
+            "TLS cluster node not ready; log:\n{}",
+            node.log()
+        );
+        node
+    };
+    let (a, b) = (start(), start());
+    for n in [&a, &b] {
+        assert_linked(n, 3.0, "over TLS");
+        assert!(n.log().contains("rediss://"), "{}", n.log());
+    }
+    // One link per node on every master, each on its TLS port.
+    for m in cluster.masters() {
+        let tls_port = cluster.tls_port_of(m).expect("a TLS port");
+        let links = cluster.fanout_links(m);
+        let laddr = format!(" laddr=127.0.0.1:{tls_port} ");
+        assert_eq!(links.len(), 2, "master {m}: {links:?}");
+        assert!(
+            links.iter().all(|l| l.contains(&laddr)),
+            "master {m}: a link not on TLS port {tls_port}: {links:?}"
+        );
+    }
+    let channels = cluster.channels_on_every_shard("", 3);
+    let mut groups = groups(&[&a, &b], "", &channels, 1, 1);
+    barrier_all(&cluster, &mut groups);
+    everyone_publishes(&cluster, &mut groups, 5, "tls");
+    external_spublish_reaches_everyone(&cluster, &mut groups, 2);
+}

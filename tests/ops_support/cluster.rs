@@ -212,12 +212,37 @@ pub struct RedisCluster {
     killed: BTreeMap<u16, Vec<u16>>,
     /// Channel names handed out by [`RedisCluster::channels_on_every_shard`].
     names: Cell<usize>,
+    /// With TLS (`start_tls`): the certificate files, and each node's TLS port by its plain port
+    /// (the plain port stays for the test's own commands and for `redis-cli --cluster`).
+    tls: Option<ClusterTls>,
+    tls_ports: BTreeMap<u16, u16>,
+}
+
+/// The files a TLS cluster's nodes serve and trust.
+pub struct ClusterTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisCluster {
     /// Starts `masters` masters (at least 3, as `redis-cli --cluster create` requires) with
     /// `replicas_per_master` replicas each, and waits until the cluster is settled.
     pub fn start(masters: usize, replicas_per_master: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas_per_master, None)
+    }
+
+    /// [`RedisCluster::start`] with TLS between clients and nodes and on the cluster bus
+    /// (`--tls-port`, `--tls-cluster yes`); clients reach it with [`RedisCluster::tls_seeds`].
+    pub fn start_tls(masters: usize, replicas_per_master: usize, tls: ClusterTls) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas_per_master, Some(tls))
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas_per_master: usize,
+        tls: Option<ClusterTls>,
+    ) -> RedisCluster {
         assert!(masters >= 3, "redis-cli --cluster create needs 3 masters");
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -232,15 +257,22 @@ impl RedisCluster {
             nodes: Vec::new(),
             killed: BTreeMap::new(),
             names: Cell::new(0),
+            tls,
+            tls_ports: BTreeMap::new(),
         };
         let started = Instant::now();
         for _ in 0..masters * (1 + replicas_per_master) {
             cluster.start_new_node();
         }
         let mut create = Command::new("redis-cli");
+        if let Some(tls) = &cluster.tls {
+            // Nodes that talk TLS on the bus are introduced over their TLS ports.
+            create.arg("--tls").arg("--cacert").arg(&tls.ca);
+        }
         create.arg("--cluster").arg("create");
         for n in &cluster.nodes {
-            create.arg(format!("127.0.0.1:{}", n.port));
+            let port = cluster.tls_ports.get(&n.port).copied().unwrap_or(n.port);
+            create.arg(format!("127.0.0.1:{port}"));
         }
         create
             .arg("--cluster-replicas")
@@ -269,7 +301,17 @@ impl RedisCluster {
 
     fn spawn(&self, port: u16, bus: u16) -> Child {
         let dir = self.dir.to_string_lossy().into_owned();
-        Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let (Some(tls), Some(tls_port)) = (&self.tls, self.tls_ports.get(&port)) {
+            let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                .args(["--tls-cert-file", &path(&tls.cert)])
+                .args(["--tls-key-file", &path(&tls.key)])
+                .args(["--tls-ca-cert-file", &path(&tls.ca)]);
+        }
+        command
             .args(["--port", &port.to_string()])
             .args(["--cluster-port", &bus.to_string()])
             .args(["--cluster-enabled", "yes"])
@@ -312,6 +354,9 @@ impl RedisCluster {
             let taken = self.nodes.iter().any(|n| [n.port, n.bus].contains(&port))
                 || self.nodes.iter().any(|n| [n.port, n.bus].contains(&bus));
             if port != bus && !taken {
+                if self.tls.is_some() {
+                    self.tls_ports.insert(port, free_port());
+                }
                 let mut child = self.spawn(port, bus);
                 if Self::wait_up(&mut child, port) {
                     self.nodes.push(Node {
@@ -350,6 +395,23 @@ impl RedisCluster {
     }
 
     /// `--redis-cluster` seeds: every node, masters first (`redis://127.0.0.1:P,127.0.0.1:Q,..`).
+    /// The TLS port of the node on plain port `port` (a TLS cluster only).
+    pub fn tls_port_of(&self, port: u16) -> Option<u16> {
+        self.tls_ports.get(&port).copied()
+    }
+
+    /// `rediss://` seeds: the TLS ports of the nodes, masters first (a TLS cluster only).
+    pub fn tls_seeds(&self) -> String {
+        let list: Vec<String> = self
+            .topology()
+            .serving_masters()
+            .iter()
+            .filter_map(|p| self.tls_ports.get(p))
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("rediss://{}", list.join(","))
+    }
+
     pub fn seeds(&self) -> String {
         let topo = self.topology();
         let masters = topo.serving_masters();

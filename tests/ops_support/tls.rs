@@ -97,12 +97,13 @@ impl Certs {
     }
 
     /// A server certificate `NAME.pem` (key `NAME.key`) for the subjectAltName `san`, e.g.
-    /// `IP:127.0.0.1,DNS:localhost`, signed by this CA.
+    /// `IP:127.0.0.1,DNS:localhost`, signed by this CA. It may also serve as a client's (the
+    /// nodes of a TLS Redis Cluster present it to each other on the cluster bus).
     pub fn server(&self, name: &str, san: &str) -> ServerCert {
         let ext = format!(
             "basicConstraints = CA:FALSE\n\
              keyUsage = critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage = serverAuth\n\
+             extendedKeyUsage = serverAuth,clientAuth\n\
              subjectAltName = {san}\n\
              subjectKeyIdentifier = hash\n\
              authorityKeyIdentifier = keyid\n"
