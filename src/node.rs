@@ -37,6 +37,8 @@ pub struct Shared {
     /// Open WebSockets per user (token `sub`), for `--max-connections-per-user`; only kept when
     /// that limit is set, and only touched when a WebSocket opens or closes.
     per_user: Mutex<HashMap<Box<str>, usize>>,
+    /// When a failed name resolution was last logged at warn level.
+    resolve_warned: Mutex<Option<Instant>>,
     /// TLS client configuration for `rediss://` links (trusted roots: the system's plus
     /// `--redis-ca-file`), built once at start; `None` when no Redis URL uses TLS.
     pub redis_tls: Option<Arc<rustls::ClientConfig>>,
@@ -61,6 +63,7 @@ impl Shared {
             open_ws: AtomicUsize::new(0),
             redis_addrs: Mutex::new(literal),
             per_user: Mutex::new(HashMap::new()),
+            resolve_warned: Mutex::new(None),
             redis_tls: None,
         }
     }
@@ -112,7 +115,19 @@ impl Shared {
         for url in self.config.redis_urls() {
             match (url.host.as_str(), url.port).to_socket_addrs() {
                 Ok(mut addrs) => resolved.extend(addrs.next()),
-                Err(e) => log::warn!("redis: cannot resolve {}: {e}", url.host),
+                Err(e) => {
+                    // Once, then every 30 s while it lasts: the supervisor retries every second.
+                    let mut warned = self
+                        .resolve_warned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+                        log::warn!("redis: cannot resolve {}: {e}", url.host);
+                        *warned = Some(Instant::now());
+                    } else {
+                        log::debug!("redis: cannot resolve {}: {e}", url.host);
+                    }
+                }
             }
         }
         if !resolved.is_empty() {

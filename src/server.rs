@@ -201,6 +201,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let _ = out.flush();
     }
     let mut drain_at: Option<Instant> = None;
+    let mut last_resolve = Instant::now();
     let mut drained = false;
     loop {
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {
@@ -236,8 +237,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             drained = true;
             shared.drain(shared.config.drain_time);
         }
-        if shared.redis_down() {
+        // Blocking DNS, so at most once a second, and only while the link is down.
+        if shared.redis_down() && last_resolve.elapsed() >= Duration::from_secs(1) {
             shared.resolve_redis();
+            last_resolve = Instant::now();
         }
     }
     let mut panicked = false;

@@ -15,11 +15,9 @@ mod ops_support;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ops_support::{wait_status, Redis, Server, Ws, TEXT};
+use ops_support::{wait_status, Flood, Redis, Server, Ws, TEXT};
 use serde_json::{json, Value};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -240,33 +238,6 @@ fn one_redis_subscription_and_link_per_node_with_four_reactors() {
     assert_eq!(wait_numsub(&redis, "room", 0), 0);
 }
 
-/// A JSON client on node `a` that publishes 32 KiB messages as fast as it can (to a channel
-/// nobody wants) until stopped, so that `a`'s Redis link always has a backlog to write.
-fn flood(a: &Server, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
-    let mut reader = a.ws_json("/ws");
-    let mut writer = Ws::from_stream(reader.stream.try_clone().unwrap());
-    let stop2 = stop.clone();
-    let data = "x".repeat(32 * 1024);
-    let write = std::thread::spawn(move || {
-        let command = format!(r#"{{"op":"publish","channel":"flood","data":"{data}"}}"#);
-        while !stop2.load(Ordering::Relaxed) {
-            if writer.send(TEXT, command.as_bytes()).is_err() {
-                break;
-            }
-        }
-    });
-    let read = std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            match reader.recv(Duration::from_millis(100)) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                Err(_) => break,
-            }
-        }
-    });
-    vec![write, read]
-}
-
 /// Subscribes on `a`, and the moment the `ok` arrives publishes on `b`, over `channels` fresh
 /// channels; every message must reach the subscriber.
 fn ok_then_publish_elsewhere(sub: &mut Ws, b: &Server, phase: &str, channels: usize) {
@@ -327,14 +298,10 @@ fn ok_to_a_json_subscribe_means_the_node_is_subscribed() {
     ok_then_publish_elsewhere(&mut sub, &b, "idle", 200);
     // With the link of `a` writing a backlog of publishes, a SUBSCRIBE waits behind them: an
     // `ok` given before Redis confirmed would let the message on `b` overtake it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flooders = flood(&a, stop.clone());
+    let flood = Flood::start(&a, &["flood".to_string()], 32 * 1024);
     // Fewer rounds: each waits behind megabytes of publishes (seconds each in a debug build).
     ok_then_publish_elsewhere(&mut sub, &b, "busy", 25);
-    stop.store(true, Ordering::Relaxed);
-    for t in flooders {
-        t.join().unwrap();
-    }
+    drop(flood);
     // Channels that already have a local subscriber answer at once, and still deliver.
     let mut first = a.ws("/ws?channel=shared");
     barrier(&redis, "shared", std::slice::from_mut(&mut first));
