@@ -703,9 +703,8 @@ mod tests {
         let cmd = Args::command()
             .arg(Arg::new("token_audience").long("token-audience"))
             .arg(Arg::new("token_issuer").long("token-issuer"));
-        let file = TempFile::new(
-            "token_audience = \"chat\"\ntoken_issuer = \"me\"\nmax_message = 100\n",
-        );
+        let file =
+            TempFile::new("token_audience = \"chat\"\ntoken_issuer = \"me\"\nmax_message = 100\n");
         let matches = cmd
             .clone()
             .try_get_matches_from(["fanout", "--token-issuer", "flag", "--config", file.path()])
@@ -714,10 +713,7 @@ mod tests {
         let args: Vec<_> = from_file.args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args,
-            [
-                "--token-audience=chat",
-                "--max-message=100"
-            ],
+            ["--token-audience=chat", "--max-message=100"],
             "the file's token_issuer is overridden by the flag"
         );
     }
