@@ -1,6 +1,6 @@
 //! Who gets a message: the per-reactor channel table ([`channels`]), the queues between reactors
-//! of one node ([`bus`]), and the Redis link that joins nodes ([`redis`], over plain TCP or TLS:
-//! [`tls`]).
+//! of one node ([`bus`]), the Redis link that joins nodes ([`redis`], over plain TCP or TLS:
+//! [`tls`]), and the nodes' own messages on it ([`control`]).
 //!
 //! A [`Message`] is framed once, when it enters a reactor, into the exact bytes a raw-mode
 //! subscriber receives; every local subscriber gets a clone of that one `Bytes` (a reference-count
@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod channels;
 pub mod cluster;
+pub mod control;
 pub mod origin;
 pub mod redis;
 pub mod slots;
