@@ -13,8 +13,8 @@
 //! - [`routes`]: the endpoints.
 //! - `openapi.json`: the OpenAPI 3.1 description, served at `/api/openapi.json`.
 //!
-//! Everything a caller can make it spend is bounded: [`MAX_CONNECTIONS`] connections (more are
-//! answered 503 and closed), a head of 8 KiB and a body of 1 MiB each, [`DEADLINE`] per
+//! Everything a caller can make it spend is bounded: [`MAX_CONNECTIONS`] connections (a few
+//! more are answered 503 and closed; the rest wait in the kernel's accept queue), a head of 8 KiB and a body of 1 MiB each, [`DEADLINE`] per
 //! connection from accept to the end of the response, and at most `routes::MAX_AWAITED` answers
 //! owed to it (more requests get 429). Each connection carries one request; every response says
 //! `Connection: close`.
@@ -41,8 +41,11 @@ use http::{Head, Response};
 use keys::ApiKeys;
 use routes::{Ctx, Outcome, Pending, Route};
 
-/// Most API connections open at once.
+/// Most API connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections past [`MAX_CONNECTIONS`] answered 503 (and closed after lingering, so the answer
+/// arrives); past these too, connections wait in the kernel's accept queue.
+const MAX_REFUSING: usize = 16;
 /// How long one connection may take, from accept to the end of its response.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 /// After the response, how long input is still read and discarded before the socket is closed
@@ -155,6 +158,8 @@ struct Conn {
     deadline: Instant,
     /// The client sent EOF: nothing more to read (it may still read our answer).
     read_closed: bool,
+    /// Accepted past [`MAX_CONNECTIONS`], only to be answered 503.
+    refused: bool,
 }
 
 struct Api {
@@ -228,22 +233,20 @@ impl Api {
 
     fn accept(&mut self) {
         loop {
+            if self.conns.len() >= MAX_CONNECTIONS + MAX_REFUSING {
+                // The rest wait in the accept queue until a connection ends.
+                return;
+            }
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
-                    if self.conns.len() >= MAX_CONNECTIONS {
-                        // One best-effort write of the refusal; the socket is dropped either way.
-                        let refusal = http::error(
-                            503,
-                            &format!("the server API holds {MAX_CONNECTIONS} connections already; retry shortly"),
-                        );
-                        let _ = stream.write(&refusal.bytes);
-                        continue;
-                    }
                     let _ = stream.set_nodelay(true);
+                    let serving = self.conns.iter().filter(|(_, c)| !c.refused).count();
+                    let refused = serving >= MAX_CONNECTIONS;
                     let entry = self.conns.vacant_entry();
+                    let key = entry.key();
                     if let Err(e) = self.poll.registry().register(
                         &mut stream,
-                        Token(entry.key()),
+                        Token(key),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
                         log::warn!("api: cannot register a connection: {e}");
@@ -258,8 +261,18 @@ impl Api {
                         written: 0,
                         deadline: Instant::now() + DEADLINE,
                         read_closed: false,
+                        refused,
                     });
                     self.next_serial += 1;
+                    if refused {
+                        let refusal = http::error(
+                            503,
+                            &format!(
+                                "the server API serves {MAX_CONNECTIONS} connections already; retry shortly"
+                            ),
+                        );
+                        self.respond(key, refusal);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -484,6 +497,8 @@ impl Api {
         for key in done {
             if let Some(mut conn) = self.conns.try_remove(key) {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
+                // A slot is free: connections may wait in the accept queue.
+                self.accept_again = true;
             }
         }
     }

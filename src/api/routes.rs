@@ -115,8 +115,10 @@ pub struct Pending {
 }
 
 enum Kind {
-    /// PUBLISHes to `total` channels, `published` of them acknowledged so far.
+    /// PUBLISHes to `total` channels (of a broadcast, or the one of a publish), `published` of
+    /// them acknowledged so far.
     Publish {
+        broadcast: bool,
         total: usize,
         published: usize,
     },
@@ -193,12 +195,20 @@ fn ok(body: Value) -> Response {
 
 /// Carries out a request whose head passed [`check`] and whose body has arrived.
 pub fn handle(route: Route, head: &Head, body: &[u8], ctx: &mut Ctx) -> Outcome {
+    let posted = matches!(route, Route::Publish | Route::Broadcast | Route::Disconnect);
+    if posted && body.trim_ascii_start().first() != Some(&b'{') {
+        // serde would take an array for a struct, field by field in order: not what we document.
+        return Outcome::Respond(http::error(
+            400,
+            "invalid JSON body: expected a JSON object",
+        ));
+    }
     let result = match route {
         Route::Publish => serde_json::from_slice::<PublishBody>(body)
             .map_err(bad_body)
             .and_then(|b| {
                 let channel = channel_name(&b.channel, "channel")?;
-                publish(ctx, vec![channel], &protocol::payload_of(b.data))
+                publish(ctx, false, vec![channel], &protocol::payload_of(b.data))
             }),
         Route::Broadcast => serde_json::from_slice::<BroadcastBody>(body)
             .map_err(bad_body)
@@ -218,7 +228,7 @@ pub fn handle(route: Route, head: &Head, body: &[u8], ctx: &mut Ctx) -> Outcome 
                     .enumerate()
                     .map(|(i, c)| channel_name(c, &format!("channels[{i}]")))
                     .collect::<Result<Vec<_>, _>>()?;
-                publish(ctx, channels, &protocol::payload_of(b.data))
+                publish(ctx, true, channels, &protocol::payload_of(b.data))
             }),
         Route::Disconnect => serde_json::from_slice::<DisconnectBody>(body)
             .map_err(bad_body)
@@ -244,8 +254,14 @@ fn channel_name(name: &str, field: &str) -> Result<Bytes, Response> {
     Ok(Bytes::copy_from_slice(name.as_bytes()))
 }
 
-/// Publishes `payload` to every channel, as a JSON client's publish would (a text message).
-fn publish(ctx: &mut Ctx, channels: Vec<Bytes>, payload: &[u8]) -> Result<Outcome, Response> {
+/// Publishes `payload` to every channel, as a JSON client's publish would (a text message);
+/// `broadcast` says which endpoint asked, for the answer.
+fn publish(
+    ctx: &mut Ctx,
+    broadcast: bool,
+    channels: Vec<Bytes>,
+    payload: &[u8],
+) -> Result<Outcome, Response> {
     let shared = ctx.shared;
     let max = shared.config.max_message;
     if payload.len() > max {
@@ -259,7 +275,7 @@ fn publish(ctx: &mut Ctx, channels: Vec<Bytes>, payload: &[u8]) -> Result<Outcom
     }
     let total = channels.len();
     let summary = |done: usize| {
-        if total > 1 {
+        if broadcast {
             format!("; {done} of {total} channels published")
         } else {
             String::new()
@@ -288,7 +304,7 @@ fn publish(ctx: &mut Ctx, channels: Vec<Bytes>, payload: &[u8]) -> Result<Outcom
                 ),
             ));
         }
-        return Ok(Outcome::Respond(if total > 1 {
+        return Ok(Outcome::Respond(if broadcast {
             ok(json!({"ok": true, "channels": total}))
         } else {
             ok(json!({"ok": true}))
@@ -322,6 +338,7 @@ fn publish(ctx: &mut Ctx, channels: Vec<Bytes>, payload: &[u8]) -> Result<Outcom
     *ctx.awaited += sent;
     let pending = Pending {
         kind: Kind::Publish {
+            broadcast,
             total,
             published: 0,
         },
@@ -503,17 +520,29 @@ impl Pending {
     /// the same, from what arrived (see the API loop).
     pub fn response(&self) -> Response {
         match (&self.kind, &self.failure) {
-            (Kind::Publish { total, published }, Some((status, why))) => {
-                let why = if *total > 1 {
+            (
+                Kind::Publish {
+                    broadcast,
+                    total,
+                    published,
+                },
+                Some((status, why)),
+            ) => {
+                let why = if *broadcast {
                     format!("{why}; {published} of {total} channels published")
                 } else {
                     why.clone()
                 };
                 http::error(*status, &why)
             }
-            (Kind::Publish { total, .. }, None) if *total > 1 => {
-                ok(json!({"ok": true, "channels": total}))
-            }
+            (
+                Kind::Publish {
+                    broadcast: true,
+                    total,
+                    ..
+                },
+                None,
+            ) => ok(json!({"ok": true, "channels": total})),
             (Kind::Publish { .. }, None) => ok(json!({"ok": true})),
             (Kind::Disconnect { closed }, Some((status, why))) => http::error(
                 *status,
