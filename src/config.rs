@@ -137,7 +137,8 @@ pub struct Args {
     pub api_listen: Option<String>,
 
     /// Key the backend sends to the server API as `Authorization: apikey KEY` (at least 16
-    /// bytes). Repeat the flag (or separate with commas) to accept several, e.g. while rotating.
+    /// bytes of printable ASCII, no commas). Repeat the flag (or separate with commas) to accept
+    /// several, e.g. while rotating.
     #[arg(
         long,
         env = "FANOUT_API_KEY",

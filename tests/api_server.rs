@@ -515,17 +515,31 @@ fn a_server_only_namespace_refuses_clients_but_takes_the_api() {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("fanout.toml");
+    // The API is configured in the file too, like any option.
     std::fs::write(
         &file,
-        r#"
+        format!(
+            r#"
+api_listen = "127.0.0.1:0"
+api_key = ["{API_KEY}", "another-key-0123456789"]
+token_hmac_secret = "{SECRET}"
+
 [[namespace]]
 name = "announce:*"
 subscribe = "anyone"
 publish = "server"
-"#,
+"#
+        ),
     )
     .unwrap();
-    let (server, api) = api_node(&["--config", file.to_str().unwrap()]);
+    let server = Server::start(&["--threads", "2", "--config", file.to_str().unwrap()]);
+    let api = ApiClient::of(&server);
+    assert_eq!(
+        api.with_key(Some("another-key-0123456789"))
+            .get("/api/info")
+            .status,
+        200
+    );
     let user = token("42");
     let mut listener = json_subscriber(&server, "announce:all", Some(&user));
     let mut raw_listener = raw_subscriber(&server, "announce:all", None);
