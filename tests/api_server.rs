@@ -886,3 +886,71 @@ fn with_redis_down_publishes_and_disconnects_get_503_with_the_reason() {
     );
     wait_control_subscribed(&redis, "", 1);
 }
+
+#[test]
+fn with_a_redis_cluster_publish_broadcast_and_disconnect_reach_another_node() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut with_api = vec!["--token-hmac-secret", SECRET];
+    with_api.extend_from_slice(&API_ARGS);
+    let a = cluster.node(2, &with_api);
+    let b = cluster.node(2, &["--token-hmac-secret", SECRET]);
+    let api = ApiClient::of(&a);
+    // Each node SSUBSCRIBEs the control channel on the shard that owns its slot.
+    assert_eq!(cluster.wait_shardnumsub(CONTROL_CHANNEL, 2), 2);
+    assert_eq!(api.get("/api/info").json["broker"], "redis-cluster");
+
+    // One channel per shard, a JSON subscriber to each on the other node.
+    let channels = cluster.channels_on_every_shard("", 3);
+    let mut on_b: Vec<Ws> = channels
+        .iter()
+        .map(|c| json_subscriber(&b, c, None))
+        .collect();
+    let mut on_a = json_subscriber(&a, &channels[0], None);
+    assert_ok(
+        &api.post(
+            "/api/publish",
+            &json!({"channel": channels[0], "data": [1]}),
+        ),
+        json!({"ok": true}),
+    );
+    assert_eq!(on_a.next_json("node a"), envelope(&channels[0], json!([1])));
+    assert_eq!(
+        on_b[0].next_json("node b"),
+        envelope(&channels[0], json!([1]))
+    );
+    assert_ok(
+        &api.post(
+            "/api/broadcast",
+            &json!({"channels": channels, "data": "all shards"}),
+        ),
+        json!({"ok": true, "channels": 3}),
+    );
+    for (ws, channel) in on_b.iter_mut().zip(&channels) {
+        assert_eq!(
+            ws.next_json(channel),
+            envelope(channel, json!("all shards")),
+            "{channel}"
+        );
+    }
+    assert_eq!(
+        on_a.next_json("node a, broadcast"),
+        envelope(&channels[0], json!("all shards"))
+    );
+
+    let u42 = token("42");
+    let mut users = [
+        raw_subscriber(&a, "room", Some(&u42)),
+        raw_subscriber(&b, "room", Some(&u42)),
+    ];
+    assert_ok(
+        &api.post("/api/disconnect", &json!({"user":"42"})),
+        json!({"ok": true, "closed": 1}),
+    );
+    for (i, ws) in users.iter_mut().enumerate() {
+        assert_eq!(
+            ws.recv_close(PATIENCE).unwrap(),
+            (4002, "disconnected by the server".to_string()),
+            "client {i}"
+        );
+    }
+}
