@@ -32,7 +32,9 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Most channels one broadcast may name.
 pub const MAX_BROADCAST: usize = 1000;
-/// Most channels `/api/channels` lists (the first ones by name); `truncated` says there were more.
+/// Most channels `/api/channels` lists (each reactor sends at most this many, the merge keeps
+/// the first by name); `truncated` says there were more, and then which ones are listed is not
+/// defined: narrow with `prefix`.
 pub const MAX_LISTED: usize = 10_000;
 /// Most answers the API thread may be owed by the reactors and Redis at once (see
 /// `broker::bus`): past it a request that needs answers gets 429.
