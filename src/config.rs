@@ -132,6 +132,22 @@ pub struct Args {
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
 
+    /// Address of the server API for the application's backend (publish, broadcast, disconnect,
+    /// channels, info), on its own listener. Off when unset; needs --api-key.
+    #[arg(long, env = "FANOUT_API_LISTEN")]
+    pub api_listen: Option<String>,
+
+    /// Key the backend sends to the server API as `Authorization: apikey KEY` (at least 16
+    /// bytes of printable ASCII, no commas). Repeat the flag (or separate with commas) to accept
+    /// several, e.g. while rotating.
+    #[arg(
+        long,
+        env = "FANOUT_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+
     /// Fault injection for the test suite (like Redis's DEBUG SEGFAULT): reactor N panics when it
     /// completes its first WebSocket upgrade, to prove a dead reactor ends the process.
     #[arg(long, env = "FANOUT_FAULT_PANIC_REACTOR", hide = true)]
@@ -183,6 +199,8 @@ pub struct Config {
     /// The file's `[[namespace]]` tables in file order (empty without any); use
     /// [`Config::namespace_for`].
     pub namespaces: Vec<Namespace>,
+    /// The server API (`--api-listen`, `--api-key`), when enabled.
+    pub api: Option<crate::api::ApiConfig>,
 }
 
 impl Config {
@@ -292,6 +310,7 @@ impl Config {
             fault_panic_reactor: args.fault_panic_reactor,
             config_file: None,
             namespaces: Vec::new(),
+            api: crate::api::ApiConfig::from_args(args.api_listen.as_deref(), &args.api_key)?,
         })
     }
 
@@ -520,6 +539,8 @@ mod tests {
             ("--redis-cluster", "redis://x:1/2"),
             ("--redis-ca-file", "/nonexistent/ca.pem"),
             ("--log-level", "loud"),
+            ("--api-listen", "nowhere"),
+            ("--api-key", "short"),
         ] {
             let args = Args::parse_from(["fanout".to_string(), format!("{flag}={value}")]);
             let err = format!("{:#}", Config::from_args(args).unwrap_err());

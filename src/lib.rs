@@ -14,7 +14,9 @@
 //! - [`metrics`]: per-reactor counters summed at scrape time, Prometheus exposition.
 //! - [`config`]: command-line flags and their environment-variable equivalents.
 //! - [`auth`]: connection tokens (JWT): who a client is and what its token lets it do.
+//! - [`api`]: the server API for the application's backend (`--api-listen`), on its own thread.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -27,10 +27,12 @@ pub enum CloseReason {
     IoError,
     /// Its token expired (4001) or its token's rules refused what it asked (4003).
     Auth,
+    /// The server API disconnected its user (4002).
+    Disconnected,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Client,
         CloseReason::Protocol,
         CloseReason::SlowConsumer,
@@ -39,6 +41,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::IoError,
         CloseReason::Auth,
+        CloseReason::Disconnected,
     ];
 
     pub fn label(self) -> &'static str {
@@ -51,6 +54,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
             CloseReason::Auth => "auth",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 
@@ -91,7 +95,7 @@ impl Counter {
 #[derive(Default, Debug)]
 pub struct ReactorMetrics {
     pub accepted: Counter,
-    closed: [Counter; 8],
+    closed: [Counter; CloseReason::ALL.len()],
     pub refused: Counter,
     pub handshake_timeouts: Counter,
     pub messages_in: Counter,

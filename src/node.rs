@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::broker::bus::{Control, Mailbox};
+use crate::broker::bus::{ApiMailbox, ApiReply, Control, Mailbox};
 use crate::config::Config;
 use crate::metrics::{self, ReactorMetrics};
 
@@ -42,6 +42,13 @@ pub struct Shared {
     /// TLS client configuration for `rediss://` links (trusted roots: the system's plus
     /// `--redis-ca-file`), built once at start; `None` when no Redis URL uses TLS.
     pub redis_tls: Option<Arc<rustls::ClientConfig>>,
+    /// This node's id, random at start: the server API reports it, and a disconnect it sends
+    /// through Redis names it so the node does not act on its own message twice.
+    pub node_id: String,
+    /// When the node started, for the server API's uptime.
+    pub started: Instant,
+    /// The server API's queue (`--api-listen`): what reactors answer it.
+    pub api: Option<ApiMailbox>,
 }
 
 impl Shared {
@@ -65,6 +72,27 @@ impl Shared {
             per_user: Mutex::new(HashMap::new()),
             resolve_warned: Mutex::new(None),
             redis_tls: None,
+            node_id: random_id(),
+            started: Instant::now(),
+            api: None,
+        }
+    }
+
+    /// Hands an answer to the server API's thread (dropped when the node has no API).
+    pub fn api_reply(&self, reply: ApiReply) {
+        if let Some(api) = &self.api {
+            api.reply(reply);
+        }
+    }
+
+    /// "embedded", "redis" or "redis-cluster": how the node shares channels.
+    pub fn broker_kind(&self) -> &'static str {
+        if !self.config.redis_cluster.is_empty() {
+            "redis-cluster"
+        } else if self.config.redis.is_some() {
+            "redis"
+        } else {
+            "embedded"
         }
     }
 
@@ -188,4 +216,18 @@ impl Shared {
             r.mailbox.control(Control::Drain { deadline });
         }
     }
+}
+
+/// 64 random bits as 16 hex digits. The standard library's hasher keys are drawn from the
+/// operating system's random source once per process; the time and the process id are mixed in
+/// for good measure. Not a secret, only unique per node.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
 }

@@ -141,12 +141,10 @@ pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
             let data = wire
                 .data
                 .ok_or_else(|| fail("\"publish\" needs \"data\"".into()))?;
-            let payload = match serde_json::from_str::<Cow<'_, str>>(data.get()) {
-                Ok(Cow::Borrowed(s)) => Cow::Borrowed(s.as_bytes()),
-                Ok(Cow::Owned(s)) => Cow::Owned(s.into_bytes()),
-                Err(_) => Cow::Borrowed(data.get().as_bytes()),
-            };
-            Command::Publish { channel, payload }
+            Command::Publish {
+                channel,
+                payload: payload_of(data),
+            }
         }
         "refresh" => Command::Refresh {
             token: wire
@@ -160,6 +158,16 @@ pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         }
     };
     Ok(Request { id, command })
+}
+
+/// What publishing `data` publishes: a JSON string's bytes (unescaped), any other value's JSON
+/// text as written. The server API publishes the same way.
+pub fn payload_of(data: &RawValue) -> Cow<'_, [u8]> {
+    match serde_json::from_str::<Cow<'_, str>>(data.get()) {
+        Ok(Cow::Borrowed(s)) => Cow::Borrowed(s.as_bytes()),
+        Ok(Cow::Owned(s)) => Cow::Owned(s.into_bytes()),
+        Err(_) => Cow::Borrowed(data.get().as_bytes()),
+    }
 }
 
 /// `{"op":"ok","id":N}` (or without `id`), as one WebSocket text frame.

@@ -46,6 +46,8 @@ pub struct Node {
     pub shared: Arc<Shared>,
     pub reactors: Vec<Reactor>,
     pub local_addr: SocketAddr,
+    /// The server API's listener (`--api-listen`), bound but not yet serving.
+    pub api: Option<crate::api::Listener>,
 }
 
 /// Binds the listeners and builds the reactors.
@@ -77,8 +79,16 @@ pub fn build(config: Config) -> anyhow::Result<Node> {
         inboxes.push(inbox);
     }
     let redis_tls = redis_tls(&config)?;
+    let (api, api_mailbox) = match &config.api {
+        Some(api) => {
+            let (listener, mailbox) = crate::api::bind(api)?;
+            (Some(listener), Some(mailbox))
+        }
+        None => (None, None),
+    };
     let mut shared = Shared::new(config, shared_reactors);
     shared.redis_tls = redis_tls;
+    shared.api = api_mailbox;
     let shared = Arc::new(shared);
     let mut reactors = Vec::new();
     for (i, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate()
@@ -89,6 +99,7 @@ pub fn build(config: Config) -> anyhow::Result<Node> {
         shared,
         reactors,
         local_addr,
+        api,
     })
 }
 
@@ -191,13 +202,28 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.allowed_origins,
         config.max_message_rate,
     );
-    let node = build(config)?;
+    let mut node = build(config)?;
     node.shared.resolve_redis();
+    let api = node.api.take();
     let (shared, threads, addr) = spawn(node)?;
+    let api = match api {
+        Some(listener) => {
+            let api_addr = listener.local_addr();
+            let thread = listener
+                .spawn(shared.clone())
+                .context("cannot spawn the server API's thread")?;
+            Some((thread, api_addr))
+        }
+        None => None,
+    };
     log::info!("listening on {addr}");
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {addr}");
+        if let Some((_, api_addr)) = &api {
+            log::info!("server API listening on {api_addr}");
+            let _ = writeln!(out, "api listening on {api_addr}");
+        }
         let _ = out.flush();
     }
     let mut drain_at: Option<Instant> = None;
@@ -216,6 +242,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             if threads.iter().all(|t| t.is_finished()) {
                 break;
             }
+        }
+        if api.as_ref().is_some_and(|(t, _)| t.is_finished()) {
+            // Like a reactor: a node whose API stopped answering would look healthy to probes.
+            log::error!("the server API's thread died; exiting (status {EXIT_REACTOR_DIED}) so the node is restarted whole");
+            eprintln!("fanout: the server API's thread died; exiting");
+            std::process::exit(EXIT_REACTOR_DIED);
         }
         match signals.recv_timeout(Duration::from_millis(100)) {
             Ok(signal) if drain_at.is_some() => {

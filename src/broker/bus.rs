@@ -15,12 +15,20 @@
 //!   protocol: every reply answers one request the receiving reactor counted as awaited, and a
 //!   reactor never has more than [`MAX_AWAITED`] replies outstanding (past that a JSON publish
 //!   gets an error and a subscription request waits), so this queue never holds more.
-//! - `control`: unbounded but rare (one entry per drain).
+//! - `control`: the drain, and what the server API asks of every reactor (close a user's
+//!   connections, list channels). Bounded by a count, not by the channel: at most
+//!   [`CONTROL_CAPACITY`] entries wait; past that [`Mailbox::try_control`] hands the request
+//!   back. Only the drain ([`Mailbox::control`]) always goes in, and there is one per node.
+//!
+//! The server API's thread (`--api-listen`, [`crate::api`]) has an [`ApiMailbox`] of its own:
+//! publish acknowledgements from the Redis reactor and the reactors' answers to its controls.
+//! It is bounded the way `replies` is: the API thread never has more than a fixed number of
+//! answers outstanding.
 //!
 //! Wakeups are coalesced: a sender only writes the eventfd when the flag says the reactor has not
 //! been woken since it last drained its queues, so a burst of messages costs one syscall.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +48,9 @@ pub const MAILBOX_CAPACITY: usize = 16 * 1024;
 
 /// Most replies a reactor may be owed by the Redis reactor at once (see the module comment).
 pub const MAX_AWAITED: usize = 64 * 1024;
+
+/// Most control requests waiting in one reactor's queue (see the module comment).
+pub const CONTROL_CAPACITY: usize = 1024;
 
 /// What a reactor asks of the node's Redis reactor.
 #[derive(Debug)]
@@ -82,6 +93,79 @@ pub enum Reply {
 pub enum Control {
     /// Stop accepting and close every client with 1001, spread evenly until `deadline`.
     Drain { deadline: Instant },
+    /// Close every WebSocket whose token's `sub` is `user` with 4002; answered with
+    /// [`ApiReply::Disconnected`] when `reply` names an API request (a disconnect that came
+    /// through Redis from another node is not answered).
+    Disconnect {
+        user: Arc<str>,
+        reply: Option<Ticket>,
+    },
+    /// List the channels with local subscribers whose names start with `prefix`, at most
+    /// `limit` of them; answered with [`ApiReply::Channels`].
+    Channels {
+        prefix: Arc<str>,
+        limit: usize,
+        reply: Ticket,
+    },
+}
+
+/// One request of the server API: its connection's slab key and serial on the API thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub conn: usize,
+    pub serial: u64,
+}
+
+/// What the reactors answer the server API.
+#[derive(Debug)]
+pub enum ApiReply {
+    /// A PUBLISH the API asked for was answered by Redis, refused, or lost with the link.
+    Published {
+        ticket: Ticket,
+        result: Result<(), String>,
+    },
+    /// One reactor closed `closed` WebSockets of the user.
+    Disconnected { ticket: Ticket, closed: usize },
+    /// One reactor's channels (name, local subscribers); `truncated` when it had more than asked.
+    Channels {
+        ticket: Ticket,
+        channels: Vec<(Bytes, usize)>,
+        truncated: bool,
+    },
+}
+
+/// The sending side of the server API's queue, shared with every reactor.
+pub struct ApiMailbox {
+    replies: Sender<ApiReply>,
+    waker: Waker,
+    woken: AtomicBool,
+}
+
+impl ApiMailbox {
+    pub fn new(waker: Waker) -> (ApiMailbox, Receiver<ApiReply>) {
+        let (replies, inbox) = mpsc::channel();
+        let mailbox = ApiMailbox {
+            replies,
+            waker,
+            woken: AtomicBool::new(false),
+        };
+        (mailbox, inbox)
+    }
+
+    /// Queues an answer for the API thread (bounded by what it has outstanding, see the module
+    /// comment) and wakes it.
+    pub fn reply(&self, reply: ApiReply) {
+        if self.replies.send(reply).is_ok() && !self.woken.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                log::error!("cannot wake the API thread: {e}");
+            }
+        }
+    }
+
+    /// Called by the API thread before it drains its queue, so later answers wake it again.
+    pub fn rearm(&self) {
+        self.woken.store(false, Ordering::Release);
+    }
 }
 
 /// The sending side of a reactor's queues, shared with every other thread.
@@ -90,6 +174,9 @@ pub struct Mailbox {
     requests: SyncSender<Request>,
     replies: Sender<Reply>,
     control: Sender<Control>,
+    /// Control requests sent and not yet taken by the reactor (at most [`CONTROL_CAPACITY`]
+    /// through [`Mailbox::try_control`]).
+    controls: AtomicUsize,
     waker: Waker,
     woken: AtomicBool,
     /// The receiving reactor's counters: a full queue counts in its `bus_dropped`.
@@ -116,6 +203,7 @@ impl Mailbox {
                 requests,
                 replies,
                 control,
+                controls: AtomicUsize::new(0),
                 waker,
                 woken: AtomicBool::new(false),
                 metrics,
@@ -171,9 +259,53 @@ impl Mailbox {
         }
     }
 
+    /// Queues a control request whatever the queue holds: only for the drain, once per node.
     pub fn control(&self, request: Control) {
+        self.controls.fetch_add(1, Ordering::AcqRel);
         if self.control.send(request).is_ok() {
             self.wake();
+        } else {
+            self.controls.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Queues a control request unless [`CONTROL_CAPACITY`] of them already wait (or the
+    /// reactor stopped); then it is handed back.
+    pub fn try_control(&self, request: Control) -> Result<(), Control> {
+        if self.controls.fetch_add(1, Ordering::AcqRel) >= CONTROL_CAPACITY {
+            self.controls.fetch_sub(1, Ordering::AcqRel);
+            return Err(request);
+        }
+        match self.control.send(request) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(mpsc::SendError(request)) => {
+                self.controls.fetch_sub(1, Ordering::AcqRel);
+                Err(request)
+            }
+        }
+    }
+
+    /// Called by the owning reactor for every control request it takes.
+    pub fn control_taken(&self) {
+        self.controls.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Queues a message for delivery unless the queue is full; then it is handed back (not
+    /// counted as dropped: the server API tells its caller instead).
+    pub fn try_deliver(&self, msg: Message) -> Result<(), Message> {
+        match self.messages.try_send(msg) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(msg)) => {
+                self.wake();
+                Err(msg)
+            }
+            Err(TrySendError::Disconnected(msg)) => Err(msg),
         }
     }
 

@@ -114,6 +114,13 @@ impl Channels {
         self.slots.iter().map(|(_, c)| &c.name)
     }
 
+    /// Every channel's name with its number of local subscribers.
+    pub fn counts(&self) -> impl Iterator<Item = (&Bytes, usize)> {
+        self.slots
+            .iter()
+            .map(|(_, c)| (&c.name, c.subscribers.len()))
+    }
+
     /// Every channel with its subscriptions and their connection keys (for invariant checks).
     pub fn audit_view(
         &self,

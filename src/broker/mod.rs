@@ -1,7 +1,8 @@
 //! Who gets a message: the per-reactor channel table ([`channels`]), the queues between reactors
 //! of one node ([`bus`]), and what joins nodes: one Redis ([`redis`], over plain TCP or TLS:
 //! [`tls`]) or a Redis Cluster ([`cluster`], [`slots`]), behind one interface ([`upstream`]),
-//! with the publisher's identity carried along ([`origin`]).
+//! with the publisher's identity carried along ([`origin`]) and the nodes' own messages on it
+//! ([`control`]).
 //!
 //! A [`Message`] is framed once, when it enters a reactor, into the exact bytes a raw-mode
 //! subscriber receives; every local subscriber gets a clone of that one `Bytes` (a reference-count
@@ -10,6 +11,7 @@
 pub mod bus;
 pub mod channels;
 pub mod cluster;
+pub mod control;
 pub mod origin;
 pub mod redis;
 pub mod slots;

@@ -46,14 +46,25 @@ const READ_BUDGET: usize = 4 << 20;
 /// attempt is logged at debug level; one warn line per retry would flood the log).
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
-/// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok`, on reactor
-/// `reactor`, named by slab key and serial (the key may be reused by the time the ack arrives).
+/// Who to tell when a PUBLISH is acknowledged: a JSON-mode client waiting for `ok` on a reactor,
+/// or a request of the server API, named by slab key and serial on that thread (the key may be
+/// reused by the time the ack arrives).
 #[derive(Debug, Clone)]
 pub struct Ack {
-    pub reactor: usize,
+    pub to: AckTo,
     pub conn: usize,
     pub conn_serial: u64,
+    /// The JSON command's `id`, echoed in the reply (always `None` for the API).
     pub id: Option<Box<str>>,
+}
+
+/// The thread an [`Ack`] goes back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckTo {
+    /// Reactor `n` of the node.
+    Reactor(usize),
+    /// The server API's thread (`--api-listen`).
+    Api,
 }
 
 #[derive(Debug)]

@@ -14,8 +14,9 @@ use bytes::Bytes;
 use mio::Token;
 
 use super::Reactor;
-use crate::broker::bus::{Reply, Request};
-use crate::broker::redis::RedisEvent;
+use crate::broker::bus::{ApiReply, Control, Reply, Request, Ticket};
+use crate::broker::control;
+use crate::broker::redis::{Ack, AckTo, RedisEvent};
 use crate::broker::Message;
 
 /// Where the node's subscription of one channel stands.
@@ -78,12 +79,31 @@ pub(super) struct Hub {
 }
 
 impl Hub {
+    /// The table starts with the nodes' control channel ([`control::CHANNEL`]), which no
+    /// reactor ever subscribes to and which stays for good: it is subscribed whenever the link
+    /// comes up, like every channel in the table.
     pub(super) fn new(reactors: usize) -> Hub {
+        let words = reactors.div_ceil(64);
+        let mut channels = HashMap::new();
+        channels.insert(
+            Bytes::from_static(control::CHANNEL),
+            NodeChannel {
+                reactors: vec![0; words],
+                interested: 0,
+                state: NodeState::Pending,
+                waiting: Vec::new(),
+            },
+        );
         Hub {
-            channels: HashMap::new(),
+            channels,
             in_flight: HashMap::new(),
-            words: reactors.div_ceil(64),
+            words,
         }
+    }
+
+    /// Channels subscribed for clients (the control channel is not one).
+    fn client_channels(&self) -> u64 {
+        self.channels.len().saturating_sub(1) as u64
     }
 }
 
@@ -91,6 +111,43 @@ impl Reactor {
     pub(super) fn send_reply(&self, reactor: usize, reply: Reply) {
         if let Some(r) = self.shared.reactors.get(reactor) {
             r.mailbox.reply(reply);
+        }
+    }
+
+    /// Tells whoever asked for a PUBLISH how it went: a reactor, or the server API.
+    fn send_ack(&self, ack: Ack, result: Result<(), String>) {
+        match ack.to {
+            AckTo::Reactor(r) => self.send_reply(r, Reply::Published { ack, result }),
+            AckTo::Api => self.shared.api_reply(ApiReply::Published {
+                ticket: Ticket {
+                    conn: ack.conn,
+                    serial: ack.conn_serial,
+                },
+                result,
+            }),
+        }
+    }
+
+    /// The Redis reactor: a message on the nodes' control channel, from another node's API.
+    fn on_control_message(&mut self, payload: &[u8]) {
+        match control::parse(payload, &self.shared.node_id) {
+            Ok(None) => {}
+            Ok(Some(control::Command::Disconnect { user })) => {
+                log::info!("disconnecting user {user:?}, as another node's server API asked");
+                let user: std::sync::Arc<str> = user.into();
+                for (i, r) in self.shared.reactors.iter().enumerate() {
+                    let request = Control::Disconnect {
+                        user: user.clone(),
+                        reply: None,
+                    };
+                    if r.mailbox.try_control(request).is_err() {
+                        log::warn!(
+                            "reactor {i} has too many control requests waiting; user {user:?} stays connected there"
+                        );
+                    }
+                }
+            }
+            Err(why) => log::warn!("ignored a message on the control channel: {why}"),
         }
     }
 
@@ -120,10 +177,7 @@ impl Reactor {
                     redis.publish(&channel, payload, ack, registry, self.clock.now)
                 {
                     match ack {
-                        Some(ack) => {
-                            let result = Err(refused.message().to_string());
-                            self.send_reply(ack.reactor, Reply::Published { ack, result });
-                        }
+                        Some(ack) => self.send_ack(ack, Err(refused.message().to_string())),
                         None => self.metrics.publishes_dropped.inc(),
                     }
                 }
@@ -176,9 +230,7 @@ impl Reactor {
                 self.clock.now,
             );
         }
-        self.metrics
-            .redis_subscriptions
-            .set(hub.channels.len() as u64);
+        self.metrics.redis_subscriptions.set(hub.client_channels());
         if let Some(result) = answer {
             self.send_reply(reactor, Reply::Subscribed { channel, result });
         }
@@ -190,6 +242,10 @@ impl Reactor {
         let Some(hub) = &mut self.hub else {
             return;
         };
+        if channel == control::CHANNEL {
+            // Never a client's (the name is invalid for clients), and it stays subscribed.
+            return;
+        }
         let Some(entry) = hub.channels.get_mut(&channel) else {
             return;
         };
@@ -207,9 +263,7 @@ impl Reactor {
         });
         if gone {
             hub.channels.remove(&channel);
-            self.metrics
-                .redis_subscriptions
-                .set(hub.channels.len() as u64);
+            self.metrics.redis_subscriptions.set(hub.client_channels());
             if let Some(redis) = &mut self.redis {
                 redis.set_interest(
                     false,
@@ -357,6 +411,9 @@ impl Reactor {
                 RedisEvent::SubscribeRefused { channel, error } => {
                     self.hub_settled(channel, Err(error))
                 }
+                RedisEvent::Message { channel, payload } if channel == control::CHANNEL => {
+                    self.on_control_message(&payload)
+                }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();
                     let (from, payload) = crate::broker::origin::unwrap(payload);
@@ -371,9 +428,7 @@ impl Reactor {
                     let msg = Message::new(channel, &payload, text).with_from(from);
                     self.hub_deliver(&msg);
                 }
-                RedisEvent::Published { ack, result } => {
-                    self.send_reply(ack.reactor, Reply::Published { ack, result })
-                }
+                RedisEvent::Published { ack, result } => self.send_ack(ack, result),
                 RedisEvent::Lost { channels } => self.hub_lost(channels),
                 // Handled inside the cluster's own links.
                 RedisEvent::Topology(_)

@@ -7,8 +7,10 @@
 //! (publish, subscribe: [`pubsub`]); then timers ([`timers`]); then flush every connection that
 //! got output, with one vectored write each; then free the slots of connections that died during
 //! the turn (removal is deferred so a slab key is never reused within one batch of events).
-//! HTTP requests and the upgrade are in [`routes`].
+//! HTTP requests and the upgrade are in [`routes`]; what the server API asks of a reactor (close
+//! a user's connections, list channels) in [`admin`].
 
+mod admin;
 mod conns;
 mod hub;
 mod pubsub;
@@ -107,7 +109,7 @@ impl Reactor {
         let config = &shared.config;
         // One link per node, on reactor 0: one Redis connection and one subscription per channel
         // whatever --threads is.
-        let redis = match (&config.redis, config.redis_cluster.is_empty()) {
+        let mut redis = match (&config.redis, config.redis_cluster.is_empty()) {
             _ if index != 0 => None,
             (Some(url), _) => Some(Upstream::Single(RedisLink::new(
                 url.clone(),
@@ -126,6 +128,17 @@ impl Reactor {
             (None, true) => None,
         };
         let hub = redis.as_ref().map(|_| hub::Hub::new(config.threads));
+        if let Some(redis) = &mut redis {
+            // The nodes' control channel is wanted from the start: a single link subscribes it
+            // with the rest of the table when it comes up, a cluster as soon as its shard is known.
+            let control = bytes::Bytes::from_static(crate::broker::control::CHANNEL);
+            redis.set_interest(
+                true,
+                std::iter::once(&control),
+                poll.registry(),
+                Instant::now(),
+            );
+        }
         let limits = Limits {
             max_message: config.max_message,
             max_message_rate: config.max_message_rate,

@@ -23,9 +23,9 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::Reactor;
-use crate::broker::bus::{Control, Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
+use crate::broker::bus::{Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
 use crate::broker::channels::{Subscriber, Subscription};
-use crate::broker::redis::Ack;
+use crate::broker::redis::{Ack, AckTo};
 use crate::broker::{self, Compression, Message};
 use crate::connection::{Action, Close};
 use crate::metrics::CloseReason;
@@ -354,7 +354,7 @@ impl Reactor {
         if self.redis_mode() {
             let ack = match (reply, self.conns.open(key)) {
                 (Some(id), Some(conn)) => Some(Ack {
-                    reactor: self.index,
+                    to: AckTo::Reactor(self.index),
                     conn: key,
                     conn_serial: conn.serial(),
                     id,
@@ -461,8 +461,12 @@ impl Reactor {
         if let Some(me) = self.shared.reactors.get(self.index) {
             me.mailbox.rearm();
         }
-        while let Ok(Control::Drain { deadline }) = self.inbox.control.try_recv() {
-            self.start_drain(deadline);
+        // Bounded: at most bus::CONTROL_CAPACITY wait, plus the one drain.
+        while let Ok(control) = self.inbox.control.try_recv() {
+            if let Some(me) = self.shared.reactors.get(self.index) {
+                me.mailbox.control_taken();
+            }
+            self.on_control(control);
         }
         let mut more = false;
         let mut left = DRAIN_BATCH;

@@ -17,6 +17,8 @@ pub enum CloseCode {
     TooBig,
     /// 4001: the connection's token expired and no newer one came (`refresh`).
     TokenExpired,
+    /// 4002: the application's backend asked the server API to disconnect the token's user.
+    Disconnected,
     /// 4003: raw mode asked for what its token's rules refuse.
     Forbidden,
     /// Any other valid code, echoed back to a client that sent it.
@@ -33,6 +35,7 @@ impl CloseCode {
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::TokenExpired => 4001,
+            CloseCode::Disconnected => 4002,
             CloseCode::Forbidden => 4003,
             CloseCode::Other(c) => c,
         }

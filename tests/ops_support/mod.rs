@@ -4,7 +4,8 @@
 //! [`http_get`]) and WebSocket over raw sockets ([`Ws`], with the test side's own frame encoder
 //! and parser in `frames.rs`, independent of the server's codec), talk RESP to Redis
 //! ([`RedisConn`]), run Redis with TLS on certificates made by the `openssl` CLI
-//! ([`TlsRedis`], [`Certs`]), and parse the Prometheus exposition strictly ([`Metrics`]). Raw sockets, not
+//! ([`TlsRedis`], [`Certs`]), call a node's server API ([`ApiClient`]), and parse the Prometheus
+//! exposition strictly ([`Metrics`]). Raw sockets, not
 //! a client library, so tests can put exact bytes on the wire (half frames, resets, stalls).
 //!
 //! Time: no helper asserts how fast anything is. [`PATIENCE`] is how long a helper waits for
@@ -13,6 +14,7 @@
 #![allow(dead_code)]
 
 /// A real Redis Cluster ([`RedisCluster`]): slot migration, failover, restart, added shards.
+mod api;
 mod cluster;
 mod frames;
 mod http;
@@ -21,6 +23,8 @@ mod tls;
 mod tokens;
 
 // Not every test file uses every part; the helpers are still one shared set.
+#[allow(unused_imports)]
+pub use self::api::*;
 #[allow(unused_imports)]
 pub use self::cluster::*;
 #[allow(unused_imports)]
@@ -142,6 +146,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Everything the node wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
+    /// The lines the node wrote to stdout after its `listening on` line (`api listening on`).
+    pub stdout: Arc<Mutex<Vec<String>>>,
     /// /metrics scrapes made through [`Server::metrics`] (each is one more HTTP 200).
     pub scrapes: std::sync::atomic::AtomicU64,
     /// The thread copying stderr into `log`; it ends when the process is gone.
@@ -153,9 +159,15 @@ pub struct Server {
 impl Server {
     /// Starts `fanout --listen 127.0.0.1:0 ARGS` and waits for its `listening on` line.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the node.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(fanout_bin())
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -174,13 +186,17 @@ impl Server {
         });
         let stdout = child.stdout.take().expect("stdout piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let later_lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = later_lines.clone();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             if let Some(Ok(line)) = lines.next() {
                 let _ = tx.send(line);
             }
             // Keep draining so the node never blocks on a full stdout pipe.
-            for _ in lines {}
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
         });
         let line = match rx.recv_timeout(PATIENCE) {
             Ok(line) => line,
@@ -201,6 +217,7 @@ impl Server {
             child,
             addr,
             log,
+            stdout: later_lines,
             scrapes: Default::default(),
             log_reader: Some(log_reader),
             panic_expected: false,
@@ -209,6 +226,27 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The address of the node's server API (`--api-listen`), from its `api listening on`
+    /// line on stdout; fails the test if the line does not come.
+    pub fn api_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let found = self.stdout.lock().unwrap().iter().find_map(|line| {
+                line.strip_prefix("api listening on ")
+                    .and_then(|a| a.trim().parse().ok())
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `api listening on` line; stderr:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn signal(&self, name: &str) {

@@ -141,6 +141,10 @@ pub fn fanout_client_lines(client_list: &str) -> Vec<String> {
         .collect()
 }
 
+/// The channel on which nodes tell each other what their server API was asked (after
+/// `--redis-prefix`); no client channel can have this name.
+pub const CONTROL_CHANNEL: &str = "__fanout/control";
+
 /// A throwaway redis-server on a loopback port; killed (by PID) when dropped.
 pub struct Redis {
     pub port: u16,
@@ -311,11 +315,14 @@ impl Redis {
         }
     }
 
+    /// The channels Redis lists for its subscribers, without the nodes' own control channel
+    /// ([`CONTROL_CHANNEL`], which every fanout node subscribes to whatever its clients do).
     pub fn pubsub_channels(&self) -> Vec<String> {
         self.call(&[b"PUBSUB", b"CHANNELS"])
             .items()
             .iter()
             .map(Reply::text)
+            .filter(|c| !c.ends_with(CONTROL_CHANNEL))
             .collect()
     }
 
