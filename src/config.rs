@@ -200,7 +200,7 @@ pub struct Config {
     /// [`Config::namespace_for`].
     pub namespaces: Vec<Namespace>,
     /// The server API (`--api-listen`, `--api-key`), when enabled.
-    pub api: Option<crate::api::ApiConfig>,
+    pub api: Option<crate::api::options::ApiConfig>,
 }
 
 impl Config {
@@ -310,7 +310,10 @@ impl Config {
             fault_panic_reactor: args.fault_panic_reactor,
             config_file: None,
             namespaces: Vec::new(),
-            api: crate::api::ApiConfig::from_args(args.api_listen.as_deref(), &args.api_key)?,
+            api: crate::api::options::ApiConfig::from_args(
+                args.api_listen.as_deref(),
+                &args.api_key,
+            )?,
         })
     }
 
