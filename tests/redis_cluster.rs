@@ -15,7 +15,6 @@
 mod ops_support;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -56,45 +55,11 @@ fn expect_ok_and_own_delivery(ws: &mut Ws, what: &str, id: Value, delivery: Valu
     assert_eq!(own, vec![delivery, json!({"op":"ok","id":id})], "{what}");
 }
 
-/// Waits until Redis routes `redis_channel` to every one of `clients` (each one's node has its
-/// SUBSCRIBE in place): publishes probes from outside until every client saw one, then an end
-/// marker every client reads up to, so nothing of the barrier is left in their streams. Any
-/// other message arriving meanwhile fails the test (nothing else is being published).
+/// [`probe_barrier`] with probes PUBLISHed on `redis`.
 fn barrier(redis: &Redis, redis_channel: &str, clients: &mut [&mut Ws]) {
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = vec![false; clients.len()];
-    let mut round = 0;
-    while seen.contains(&false) {
-        assert!(
-            Instant::now() < deadline,
-            "{redis_channel}: only {} of {} clients got a probe",
-            seen.iter().filter(|s| **s).count(),
-            clients.len()
-        );
-        redis.publish(redis_channel, format!("probe-{round}").as_bytes());
-        round += 1;
-        for (ws, seen) in clients.iter_mut().zip(&mut seen) {
-            if *seen {
-                continue;
-            }
-            match ws.recv(Duration::from_millis(50)) {
-                Ok(f) if f.opcode == TEXT && f.text().contains("probe-") => *seen = true,
-                Ok(f) => panic!("{redis_channel}: unexpected frame before the barrier: {f:?}"),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{redis_channel}: client lost during the barrier: {e}"),
-            }
-        }
-    }
-    redis.publish(redis_channel, b"probe-end");
-    for ws in clients.iter_mut() {
-        loop {
-            let text = ws.next_text("barrier end marker");
-            assert!(text.contains("probe-"), "unexpected message {text:?}");
-            if text.contains("probe-end") {
-                break;
-            }
-        }
-    }
+    probe_barrier(redis_channel, clients, |p| {
+        redis.publish(redis_channel, p);
+    });
 }
 
 /// Fails if any of `clients` still has a message coming: a second copy delivered by another

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, Instant};
 
-use ops_support::{wait_status, Flood, Redis, Server, Ws, TEXT};
+use ops_support::{probe_barrier, wait_status, Flood, Redis, Server, Ws, TEXT};
 use serde_json::{json, Value};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -93,44 +93,12 @@ fn next_json(ws: &mut Ws, what: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text:?}"))
 }
 
-/// Waits until Redis routes `channel` to every one of `clients`: external probes until each saw
-/// one, then an end marker each reads up to, so nothing of the barrier is left in their
-/// streams. Any other message meanwhile fails the test (a duplicate, a replay).
+/// [`probe_barrier`] over owned clients.
 fn barrier(redis: &Redis, channel: &str, clients: &mut [Ws]) {
-    let deadline = Instant::now() + 20 * SEC;
-    let mut seen = vec![false; clients.len()];
-    let mut round = 0;
-    while seen.contains(&false) {
-        assert!(
-            Instant::now() < deadline,
-            "{channel}: only {} of {} clients got a probe within 20 s",
-            seen.iter().filter(|s| **s).count(),
-            clients.len()
-        );
-        publish(redis, channel, &format!("probe-{round}"));
-        round += 1;
-        for (ws, seen) in clients.iter_mut().zip(&mut seen) {
-            if *seen {
-                continue;
-            }
-            match ws.recv(Duration::from_millis(20)) {
-                Ok(f) if f.opcode == TEXT && f.text().starts_with("probe-") => *seen = true,
-                Ok(f) => panic!("{channel}: unexpected frame before the barrier: {f:?}"),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{channel}: client lost during the barrier: {e}"),
-            }
-        }
-    }
-    publish(redis, channel, "probe-end");
-    for ws in clients.iter_mut() {
-        loop {
-            let text = next_text(ws, "barrier end marker");
-            assert!(text.starts_with("probe-"), "unexpected message {text:?}");
-            if text == "probe-end" {
-                break;
-            }
-        }
-    }
+    let mut clients: Vec<&mut Ws> = clients.iter_mut().collect();
+    probe_barrier(channel, &mut clients, |p| {
+        redis.publish(channel, p);
+    });
 }
 
 /// Every client publishes `rounds` numbered messages; every client must get each exactly once,

@@ -17,9 +17,6 @@
 
 mod ops_support;
 
-use std::io;
-use std::time::{Duration, Instant};
-
 use ops_support::*;
 use serde_json::json;
 
@@ -40,44 +37,11 @@ fn tls_node(url: &str, certs: &Certs, threads: usize) -> Server {
     server
 }
 
-/// Waits until Redis routes `channel` to every one of `clients`: probes published from outside
-/// (on the plain port) until every client saw one, then an end marker every client reads up to,
-/// so nothing of the barrier is left in their streams. Any other message fails the test.
+/// [`probe_barrier`] with probes PUBLISHed on the plain port.
 fn barrier(redis: &Redis, channel: &str, clients: &mut [&mut Ws]) {
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = vec![false; clients.len()];
-    let mut round = 0;
-    while seen.contains(&false) {
-        assert!(
-            Instant::now() < deadline,
-            "{channel}: only {} of {} clients got a probe",
-            seen.iter().filter(|s| **s).count(),
-            clients.len()
-        );
-        redis.publish(channel, format!("probe-{round}").as_bytes());
-        round += 1;
-        for (ws, seen) in clients.iter_mut().zip(&mut seen) {
-            if *seen {
-                continue;
-            }
-            match ws.recv(Duration::from_millis(50)) {
-                Ok(f) if f.opcode == TEXT && f.text().contains("probe-") => *seen = true,
-                Ok(f) => panic!("{channel}: unexpected frame before the barrier: {f:?}"),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("{channel}: client lost during the barrier: {e}"),
-            }
-        }
-    }
-    redis.publish(channel, b"probe-end");
-    for ws in clients.iter_mut() {
-        loop {
-            let text = ws.next_text("barrier end marker");
-            assert!(text.contains("probe-"), "unexpected message {text:?}");
-            if text.contains("probe-end") {
-                break;
-            }
-        }
-    }
+    probe_barrier(channel, clients, |p| {
+        redis.publish(channel, p);
+    });
 }
 
 /// Raw clients on two nodes: what each sends reaches both, in order.

@@ -24,9 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{
-    fanout_client_lines, free_port, wait_status, RedisConn, Reply, Server, Ws, PATIENCE, TEXT,
-};
+use super::{fanout_client_lines, free_port, wait_status, RedisConn, Reply, Server, Ws, PATIENCE};
 
 /// `--cluster-node-timeout`: how long a silent node takes to be flagged as failing.
 pub const NODE_TIMEOUT_MS: u64 = 2000;
@@ -892,48 +890,11 @@ impl RedisCluster {
         server
     }
 
-    /// Waits until the cluster routes `redis_channel` to every one of `clients`: SPUBLISHes
-    /// probes on its owner until every client saw one, then an end marker every client reads
-    /// up to, so nothing of the barrier is left in their streams. Any other message meanwhile
-    /// fails the test. Returns how long it took (for printing, never for asserting).
+    /// [`super::probe_barrier`] with probes SPUBLISHed on the channel's owner.
     pub fn barrier(&self, redis_channel: &str, clients: &mut [&mut Ws]) -> Duration {
-        let started = Instant::now();
-        let deadline = started + PATIENCE;
-        let mut seen = vec![false; clients.len()];
-        let mut round = 0;
-        while seen.contains(&false) {
-            assert!(
-                Instant::now() < deadline,
-                "{redis_channel}: only {} of {} clients got a probe within {PATIENCE:?}",
-                seen.iter().filter(|s| **s).count(),
-                clients.len()
-            );
-            self.spublish(redis_channel, format!("probe-{round}").as_bytes());
-            round += 1;
-            for (ws, seen) in clients.iter_mut().zip(&mut seen) {
-                if *seen {
-                    continue;
-                }
-                match ws.recv(Duration::from_millis(50)) {
-                    Ok(f) if f.opcode == TEXT && f.text().contains("probe-") => *seen = true,
-                    Ok(f) => panic!("{redis_channel}: unexpected frame before the barrier: {f:?}"),
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-                    Err(e) => panic!("{redis_channel}: client lost during the barrier: {e}"),
-                }
-            }
-        }
-        let took = started.elapsed();
-        self.spublish(redis_channel, b"probe-end");
-        for ws in clients.iter_mut() {
-            loop {
-                let text = ws.next_text("barrier end marker");
-                assert!(text.contains("probe-"), "unexpected message {text:?}");
-                if text.contains("probe-end") {
-                    break;
-                }
-            }
-        }
-        took
+        super::probe_barrier(redis_channel, clients, |p| {
+            self.spublish(redis_channel, p);
+        })
     }
 }
 

@@ -600,6 +600,59 @@ impl Drop for Flood {
     }
 }
 
+/// Waits until Redis routes a channel to every one of `clients`: `publish` sends a probe from
+/// outside (PUBLISH, or SPUBLISH on a cluster) until every client saw one, then an end marker
+/// every client reads up to, so nothing of the barrier is left in their streams. Any other
+/// message meanwhile fails the test (a duplicate, a replay). A node subscribes when its first
+/// client joins and does not wait, so a test counts deliveries only after this. Returns how
+/// long it took (for printing, never for asserting).
+pub fn probe_barrier(
+    channel: &str,
+    clients: &mut [&mut Ws],
+    mut publish: impl FnMut(&[u8]),
+) -> Duration {
+    let started = Instant::now();
+    let deadline = started + PATIENCE;
+    let mut seen = vec![false; clients.len()];
+    let mut round = 0;
+    while seen.contains(&false) {
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: only {} of {} clients got a probe within {PATIENCE:?}",
+            seen.iter().filter(|s| **s).count(),
+            clients.len()
+        );
+        publish(format!("probe-{round}").as_bytes());
+        round += 1;
+        for (ws, seen) in clients.iter_mut().zip(&mut seen) {
+            if *seen {
+                continue;
+            }
+            match ws.recv(Duration::from_millis(50)) {
+                Ok(f) if f.opcode == TEXT && f.text().contains("probe-") => *seen = true,
+                Ok(f) => panic!("{channel}: unexpected frame before the barrier: {f:?}"),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("{channel}: client lost during the barrier: {e}"),
+            }
+        }
+    }
+    let took = started.elapsed();
+    publish(b"probe-end");
+    for ws in clients.iter_mut() {
+        loop {
+            let text = ws.next_text("barrier end marker");
+            assert!(
+                text.contains("probe-"),
+                "{channel}: unexpected message {text:?}"
+            );
+            if text.contains("probe-end") {
+                break;
+            }
+        }
+    }
+    took
+}
+
 /// Reads a WebSocket on its own thread until stopped, so a test can keep a client's input
 /// drained (or collect it) while its main thread does something else. It answers pings itself
 /// (counting them), passes every other frame to `on_frame` with the test's `state`, and fails
