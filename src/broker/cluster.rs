@@ -63,6 +63,8 @@ pub struct RedisCluster {
     /// Wanted channels not subscribed anywhere at the moment.
     unplaced: usize,
     known: bool,
+    /// A map without any slot was logged (once until a real map comes).
+    empty_map_logged: bool,
     refresh_at: Option<Instant>,
     next_periodic: Instant,
     /// Since when no link has been up.
@@ -103,6 +105,7 @@ impl RedisCluster {
             wanted: HashMap::new(),
             unplaced: 0,
             known: false,
+            empty_map_logged: false,
             refresh_at: Some(now),
             next_periodic: now + REFRESH_EVERY,
             all_down_since: Some(now),
@@ -436,6 +439,17 @@ impl RedisCluster {
     /// subscribed where its slot lives now.
     fn apply(&mut self, shards: Vec<slots::ShardInfo>, registry: &Registry, now: Instant) {
         self.refreshes += 1;
+        if shards.is_empty() {
+            // A cluster not formed yet (or every master failed): keep the links and ask again,
+            // rather than drop them and reconnect to the seeds in a loop.
+            if !self.empty_map_logged {
+                log::warn!("redis cluster: no master serves any slot yet; asking again");
+                self.empty_map_logged = true;
+            }
+            self.refresh_soon(now);
+            return;
+        }
+        self.empty_map_logged = false;
         self.known = true;
         let mut owner = vec![NO_OWNER; SLOTS];
         let mut keep = Vec::new();
