@@ -844,3 +844,57 @@ fn a_tls_cluster_is_reached_over_tls_on_every_shard() {
     everyone_publishes(&cluster, &mut groups, 5, "tls");
     external_spublish_reaches_everyone(&cluster, &mut groups, 2);
 }
+
+#[test]
+fn a_node_started_before_the_cluster_is_formed_becomes_ready_when_it_is() {
+    // As in the Kubernetes overlay: fanout pods may start before the Job forms the cluster.
+    let mut cluster = RedisCluster::start_unformed(3);
+    let list: Vec<String> = cluster
+        .running()
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let seeds = format!("redis://{}", list.join(","));
+    let node = Server::start(&["--threads", "2", "--redis-cluster", &seeds]);
+    assert!(
+        node.wait_log("no master serves any slot yet", PATIENCE),
+        "{}",
+        node.log()
+    );
+    let received = |c: &RedisCluster| -> i64 {
+        c.running()
+            .iter()
+            .map(|&p| {
+                let info = c.call(p, &[b"INFO", b"stats"]).text();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("total_connections_received:"))
+                    .and_then(|n| n.trim().parse::<i64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    // While nothing is served the node keeps its seed link and asks again; it does not drop and
+    // redial the seeds. (Each sample is also one connection of the test's own per server.)
+    let before = received(&cluster);
+    for _ in 0..50 {
+        assert_eq!(node.get("/readyz").0, 503, "ready with no slot served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let redials = received(&cluster) - before - cluster.running().len() as i64;
+    assert!(
+        redials <= 1,
+        "the node redialled the seeds {redials} times while the cluster was unformed"
+    );
+    cluster.form(3, 0);
+    wait_ready(&node, 200, "after the cluster was formed");
+    assert_linked(&node, 3.0, "after the cluster was formed");
+    assert_eq!(
+        node.log().matches("no master serves any slot yet").count(),
+        1,
+        "logged once"
+    );
+    let channels = cluster.channels_on_every_shard("", 3);
+    let mut groups = groups(&[&node], "", &channels, 1, 1);
+    barrier_all(&cluster, &mut groups);
+    everyone_publishes(&cluster, &mut groups, 3, "formed");
+}

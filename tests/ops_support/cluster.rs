@@ -262,6 +262,43 @@ impl RedisCluster {
         for _ in 0..masters * (1 + replicas_per_master) {
             cluster.start_new_node();
         }
+        cluster.form(masters, replicas_per_master);
+        eprintln!(
+            "redis cluster of {masters} masters x {replicas_per_master} replicas ready in {:?}",
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// `masters` cluster-enabled redis-servers that do not form a cluster yet (no slot is
+    /// served) until [`RedisCluster::form`]: what a node meets when it starts first.
+    pub fn start_unformed(masters: usize) -> RedisCluster {
+        assert!(masters >= 3, "redis-cli --cluster create needs 3 masters");
+        let dir = std::env::temp_dir().join(format!(
+            "redis-cluster-test-{}-unformed-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the cluster's temp dir");
+        let mut cluster = RedisCluster {
+            dir,
+            nodes: Vec::new(),
+            killed: BTreeMap::new(),
+            names: Cell::new(0),
+            tls: None,
+            tls_ports: BTreeMap::new(),
+        };
+        for _ in 0..masters {
+            cluster.start_new_node();
+        }
+        cluster
+    }
+
+    /// Forms the cluster of the started nodes (`redis-cli --cluster create`) and waits until it
+    /// is settled with `masters` masters of `replicas_per_master` replicas each.
+    pub fn form(&mut self, masters: usize, replicas_per_master: usize) {
+        let cluster = &*self;
         let mut create = Command::new("redis-cli");
         if let Some(tls) = &cluster.tls {
             // Nodes that talk TLS on the bus are introduced over their TLS ports.
@@ -290,11 +327,6 @@ impl RedisCluster {
                 "replicas of {m}: {topo:?}"
             );
         }
-        eprintln!(
-            "redis cluster of {masters} masters x {replicas_per_master} replicas ready in {:?}",
-            started.elapsed()
-        );
-        cluster
     }
 
     fn spawn(&self, port: u16, bus: u16) -> Child {
