@@ -92,6 +92,21 @@ fn redis_restart_under_load_loses_nothing_acknowledged_and_duplicates_nothing() 
         }
         sent
     };
+    // Redis acknowledges a PUBLISH to the publisher's node once it queued the message to every
+    // subscriber, not once the other node read it: a kill right then may still lose it there.
+    // So the kill comes after both nodes have the last message of this phase.
+    let last_before = before.end as u64 - 1;
+    let deadline = Instant::now() + PATIENCE;
+    while got
+        .iter()
+        .any(|g| !g.lock().unwrap().contains(&last_before))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the last message before the kill never reached both nodes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     redis.kill();
     // Traffic while Redis is down (at least one publish, however slow the machine).
     let down_until = Instant::now() + SEC;
