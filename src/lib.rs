@@ -10,9 +10,10 @@
 //! - [`ws`]: the RFC 6455 frame codec and close codes.
 //! - [`http`]: request parsing with limits, routing, responses, the upgrade handshake.
 //! - [`protocol`]: channel names, the JSON command protocol and the delivery envelope.
-//! - [`broker`]: the per-reactor channel table, the cross-reactor bus and the Redis link.
+//! - [`broker`]: the per-reactor channel table, the cross-reactor bus, and the links to Redis
+//!   (one server or a cluster, over TCP or TLS).
 //! - [`metrics`]: per-reactor counters summed at scrape time, Prometheus exposition.
-//! - [`config`]: command-line flags and their environment-variable equivalents.
+//! - [`config`]: flags, their environment variables and the TOML file; channel namespaces.
 //! - [`auth`]: connection tokens (JWT): who a client is and what its token lets it do.
 //! - [`api`]: the server API for the application's backend (`--api-listen`), on its own thread.
 
