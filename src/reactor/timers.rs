@@ -27,6 +27,8 @@ pub(super) struct Timers {
     refused_logged: (u64, u64),
     /// When an oversized message from Redis was last reported in the log.
     oversized_logged_ms: Option<u64>,
+    /// When the Redis reactor next refreshes the node's presence (reactor::presence).
+    pub(super) presence_refresh_ms: u64,
 }
 
 impl Timers {
@@ -39,6 +41,7 @@ impl Timers {
             accept_paused_until_ms: None,
             refused_logged: (0, 0),
             oversized_logged_ms: None,
+            presence_refresh_ms: 0,
         }
     }
 
@@ -67,6 +70,7 @@ impl Reactor {
                 });
             }
             self.redis_events();
+            self.presence_tick();
         }
         self.retry_deferred();
         let now_ms = self.clock.now_ms;
