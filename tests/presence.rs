@@ -496,3 +496,131 @@ fn presence_spans_two_nodes_on_a_redis_cluster() {
     drop(ann);
     watch.wait_event("leave", &ann_id);
 }
+
+/// The Redis server's clock in milliseconds (what the scripts score nodes with).
+fn redis_ms(redis: &Redis) -> i64 {
+    let t = redis.call(&[b"TIME"]);
+    let items = t.items();
+    let secs: i64 = items[0].text().parse().unwrap();
+    let micros: i64 = items[1].text().parse().unwrap();
+    secs * 1000 + micros / 1000
+}
+
+#[test]
+fn a_big_channel_lists_a_capped_sample_and_counts_everyone() {
+    let dir = Dir::new("big");
+    let config = dir.config();
+    let redis = Redis::start();
+    let (a, _b) = redis_nodes(&redis, &config, &[]);
+    let ch = "room:big";
+    let mut ann = Client::connect(&a, Some(&token("ann", "Ann")));
+    ann.subscribe(ch, false);
+    wait_presence(&mut ann, ch, "ann", |r| members(r).len() == 1);
+
+    // 1500 members of another node ("fake", alive as far as its score says), written the way
+    // the join script writes them; 500 of them are user "u<i % 500>".
+    let (hash, nodes, users_key) = (
+        format!("{{{ch}}}:presence"),
+        format!("{{{ch}}}:presence-nodes"),
+        format!("{{{ch}}}:presence-users"),
+    );
+    let mut hset: Vec<Vec<u8>> = vec![b"HSET".to_vec(), hash.clone().into_bytes()];
+    let mut per_user = std::collections::BTreeMap::new();
+    for i in 0..1500 {
+        let user = format!("u{}", i % 500);
+        hset.push(format!("fake.0.{i}").into_bytes());
+        hset.push(
+            json!({"client": format!("fake.0.{i}"), "user": user})
+                .to_string()
+                .into_bytes(),
+        );
+        *per_user.entry(user).or_insert(0) += 1;
+    }
+    let args: Vec<&[u8]> = hset.iter().map(Vec::as_slice).collect();
+    assert_eq!(redis.call(&args).int(), 1500);
+    for (user, n) in &per_user {
+        redis.call(&[
+            b"HSET",
+            users_key.as_bytes(),
+            user.as_bytes(),
+            n.to_string().as_bytes(),
+        ]);
+    }
+    let now = redis_ms(&redis).to_string();
+    redis.call(&[b"ZADD", nodes.as_bytes(), now.as_bytes(), b"fake"]);
+
+    let reply = ann.presence(ch);
+    assert_eq!(reply["truncated"], true, "1501 members, 1000 listed");
+    assert_eq!(members(&reply).len(), 1000);
+    assert_eq!(ann.stats(ch), (1501, 501));
+
+    // The fake node stops refreshing (its score is now older than the TTL): the next read drops
+    // its 1500 members and their user counts.
+    let old = (redis_ms(&redis) - 60_000).to_string();
+    redis.call(&[b"ZADD", nodes.as_bytes(), old.as_bytes(), b"fake"]);
+    let reply = ann.presence(ch);
+    assert_eq!(members(&reply).len(), 1, "{reply}");
+    assert_eq!(reply.get("truncated"), None);
+    assert_eq!(ann.stats(ch), (1, 1));
+}
+
+#[test]
+fn a_drained_node_leaves_presence_at_once() {
+    let dir = Dir::new("drain");
+    let config = dir.config();
+    let redis = Redis::start();
+    // A TTL far beyond the test's patience: only the node's own farewell can remove its members.
+    let extra = [
+        "--presence-ttl",
+        "3600",
+        "--drain-delay",
+        "0",
+        "--drain-time",
+        "1",
+    ];
+    let (mut a, b) = redis_nodes(&redis, &config, &extra);
+    let ch = "room:drain";
+    let mut watch = Client::connect(&b, None);
+    watch.subscribe(ch, true);
+    let watch_id = own_id(&mut watch);
+    let mut ann = Client::connect(&a, Some(&token("ann", "Ann")));
+    ann.subscribe(ch, false);
+    let ann_id = watch.next_event("ann's join")["client"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    a.signal("TERM");
+    watch.wait_event("leave", &ann_id);
+    a.wait_exit(PATIENCE).expect("node A exits after its drain");
+    let reply = wait_presence(&mut watch, ch, "only the watcher", |r| {
+        members(r).len() == 1
+    });
+    assert_eq!(members(&reply), BTreeSet::from([(watch_id, None)]));
+    drop(ann);
+}
+
+#[test]
+fn presence_metrics_count_members() {
+    let dir = Dir::new("metrics");
+    let config = dir.config();
+    let node = start(&config, &["--threads", "2"]);
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(&node, None)).collect();
+    for c in &mut clients {
+        c.subscribe("room:m", false);
+        // Not a presence channel: no member.
+        c.subscribe("plain", false);
+    }
+    assert_eq!(
+        node.wait_metric("fanout_presence_members", 3.0, PATIENCE),
+        3.0
+    );
+    clients.pop();
+    assert_eq!(
+        node.wait_metric("fanout_presence_members", 2.0, PATIENCE),
+        2.0
+    );
+    let m = node.metrics();
+    assert_eq!(m.get("fanout_presence_joins_total"), 3.0);
+    assert_eq!(m.get("fanout_presence_leaves_total"), 1.0);
+}

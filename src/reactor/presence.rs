@@ -41,14 +41,18 @@ impl Reactor {
             .is_ok_and(|name| self.shared.config.namespace_for(name).presence)
     }
 
+    /// The channel of `sub`, when its namespace tracks presence.
+    fn presence_channel(&self, sub: Subscription) -> Option<Bytes> {
+        let channel = self.channels.channel(sub)?;
+        self.presence_on(&channel.name)
+            .then(|| channel.name.clone())
+    }
+
     /// A subscription was added: its connection joins the channel's presence, if it has one.
     pub(super) fn presence_join(&mut self, key: usize, sub: Subscription) {
-        let Some(name) = self.channels.channel(sub).map(|c| c.name.clone()) else {
+        let Some(name) = self.presence_channel(sub) else {
             return;
         };
-        if !self.presence_on(&name) {
-            return;
-        }
         let Some(conn) = self.conns.open(key) else {
             return;
         };
@@ -61,6 +65,7 @@ impl Reactor {
         if !store.join((self.index, sub.channel, sub.slot), &name, member) {
             return;
         }
+        self.metrics.presence_joins.inc();
         if self.redis_mode() {
             drop(store);
             self.wake_presence();
@@ -72,10 +77,11 @@ impl Reactor {
 
     /// A subscription is about to be released: its member, if it was one, leaves.
     pub(super) fn presence_leave(&mut self, sub: Subscription) {
-        let Some(name) = self.channels.channel(sub).map(|c| c.name.clone()) else {
-            return;
-        };
-        if !self.presence_on(&name) {
+        let on = self
+            .channels
+            .channel(sub)
+            .is_some_and(|c| self.presence_on(&c.name));
+        if !on {
             return;
         }
         let shared = self.shared.clone();
@@ -83,6 +89,7 @@ impl Reactor {
         let Some((channel, member)) = store.leave((self.index, sub.channel, sub.slot)) else {
             return;
         };
+        self.metrics.presence_leaves.inc();
         if self.redis_mode() {
             drop(store);
             self.wake_presence();
@@ -135,13 +142,12 @@ impl Reactor {
         let serial = conn.serial();
         let name = channel.as_bytes();
         if !self.redis_mode() {
-            let shared = self.shared.clone();
-            let store = shared.presence.lock();
             let frame = if stats {
-                let s = store.stats(name);
+                let s = self.shared.presence.lock().stats(name);
                 protocol::presence_stats_reply(id.as_deref(), name, s.clients, s.users)
             } else {
-                let (list, truncated) = store.list(name, MAX_LIST);
+                // The lock is held only to copy the list (reference counts), not to write it.
+                let (list, truncated) = self.shared.presence.lock().list(name, MAX_LIST);
                 let members = list.iter().map(|m| &m[..]);
                 protocol::presence_reply(
                     id.as_deref(),
@@ -151,7 +157,6 @@ impl Reactor {
                     &mut self.json_scratch,
                 )
             };
-            drop(store);
             self.send_presence(key, frame);
             return;
         }
@@ -216,6 +221,38 @@ impl Reactor {
             self.presence_refresh();
         }
         self.presence_flush();
+    }
+
+    /// The Redis reactor, when the node stops after its drain: the changes still queued, then
+    /// every channel the node has members in written as empty (its members leave, with their
+    /// events), so a drained node leaves presence at once instead of after `--presence-ttl`.
+    /// Best effort: what the link cannot send before the process exits expires with the TTL.
+    pub(super) fn presence_farewell(&mut self) {
+        if self.hub.is_none() {
+            return;
+        }
+        self.shared.presence.raise();
+        self.presence_flush();
+        let channels = self.shared.presence.lock().channels();
+        let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
+            return;
+        };
+        let scope = Scope {
+            node: &self.shared.node_id,
+            ttl: self.shared.config.presence_ttl,
+            sharded: redis.is_cluster(),
+        };
+        let registry = self.poll.registry();
+        for channel in channels {
+            let args = presence::sync_args(&scope, &redis.redis_name(&channel), &[]);
+            let tag = hub.calls.next_tag();
+            if redis
+                .call(&channel, args.into_iter(), tag, registry, self.clock.now)
+                .is_ok()
+            {
+                hub.calls.sent(tag, Call::PresenceSync { channel });
+            }
+        }
     }
 
     /// The Redis reactor: one refresh script per channel the node has members in; channels
@@ -331,6 +368,7 @@ impl Reactor {
             }
         }
         for (channel, members) in resync {
+            self.metrics.presence_resyncs.inc();
             let args = presence::sync_args(&scope, &redis.redis_name(&channel), &members);
             let tag = hub.calls.next_tag();
             match redis.call(&channel, args.into_iter(), tag, registry, now) {

@@ -202,6 +202,8 @@ impl Reactor {
         // Once every client is gone there is nothing left to spread: exit without waiting out
         // the rest of the drain time (the listener is already closed, so none can arrive).
         if self.conns.live_count() == 0 || now >= hard_stop {
+            // The node leaves presence now rather than after --presence-ttl (best effort).
+            self.presence_farewell();
             self.stopped = true;
         }
     }
