@@ -26,7 +26,7 @@
 //!
 //! Each node refreshes the channels it has members in every `--presence-ttl / 3`
 //! ([`crate::broker::scripts::PRESENCE_REFRESH`]: ZADD its score, PEXPIRE all three keys to the
-//! TTL). Every presence script first drops the nodes whose score is older than the TTL, with
+//! TTL), and at once when its link comes back. Every presence script first drops the nodes whose score is older than the TTL, with
 //! their members (a leave event each): so a node killed with SIGKILL is out of presence within
 //! `--presence-ttl` of its last refresh for reads, and within about 4/3 of it for the leave
 //! events; a channel whose nodes all died expires as a whole. A refresh that finds the node

@@ -214,7 +214,14 @@ impl Reactor {
         if self.hub.is_none() {
             return;
         }
+        // The link (or a shard) came back: refresh now, which finds out whether Redis lost the
+        // node's members (a restart), and write again what failed meanwhile.
         let now_ms = self.clock.now_ms;
+        let up = self.redis.as_ref().is_some_and(|r| r.ready());
+        if up && !self.timers.presence_link_up {
+            self.timers.presence_refresh_ms = now_ms;
+        }
+        self.timers.presence_link_up = up;
         if now_ms >= self.timers.presence_refresh_ms {
             let ttl_ms = self.shared.config.presence_ttl.as_millis() as u64;
             self.timers.presence_refresh_ms = now_ms + (ttl_ms / 3).max(MIN_REFRESH_MS);
@@ -396,7 +403,9 @@ impl Reactor {
     ) {
         let again = match result {
             Err(e) => {
-                log::warn!("redis: a presence change failed: {e}");
+                // Per change: a link lost with many in flight must not flood the log (the
+                // link's own failure is logged).
+                log::debug!("redis: a presence change failed: {e}");
                 true
             }
             Ok(reply) if join => presence::parse_added(&reply).unwrap_or(true),

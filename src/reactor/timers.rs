@@ -29,6 +29,8 @@ pub(super) struct Timers {
     oversized_logged_ms: Option<u64>,
     /// When the Redis reactor next refreshes the node's presence (reactor::presence).
     pub(super) presence_refresh_ms: u64,
+    /// Whether the Redis link was up at the last presence tick.
+    pub(super) presence_link_up: bool,
 }
 
 impl Timers {
@@ -42,6 +44,7 @@ impl Timers {
             refused_logged: (0, 0),
             oversized_logged_ms: None,
             presence_refresh_ms: 0,
+            presence_link_up: false,
         }
     }
 
