@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ops_support::{
-    hs256, unix_now, wait_status, Redis, RedisCluster, Server, Ws, PATIENCE, SECRET,
+    hs256, unix_now, wait_status, ConfigFile, Redis, RedisCluster, Server, Ws, PATIENCE, SECRET,
 };
 use serde_json::{json, Value};
 
@@ -28,31 +28,6 @@ const CONFIG: &str = r#"
 name = "room:*"
 presence = true
 "#;
-
-/// A directory for the configuration file, removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(test: &str) -> Dir {
-        let dir =
-            std::env::temp_dir().join(format!("fanout-presence-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn config(&self) -> String {
-        let path = self.0.join("fanout.toml");
-        std::fs::write(&path, CONFIG).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn start(config: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--config", config, "--token-hmac-secret", SECRET];
@@ -230,8 +205,8 @@ fn own_id(client: &mut Client) -> String {
 
 #[test]
 fn standalone_presence_lists_counts_and_sends_events() {
-    let dir = Dir::new("standalone");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-standalone", CONFIG);
+    let config = file.path().to_string();
     let node = start(&config, &["--threads", "2"]);
     let ch = "room:lobby";
 
@@ -335,8 +310,8 @@ fn redis_nodes(redis: &Redis, config: &str, extra: &[&str]) -> (Server, Server) 
 
 #[test]
 fn presence_spans_two_nodes_on_redis() {
-    let dir = Dir::new("redis");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-redis", CONFIG);
+    let config = file.path().to_string();
     let redis = Redis::start();
     let (a, b) = redis_nodes(&redis, &config, &[]);
     let ch = "room:two";
@@ -399,8 +374,8 @@ fn presence_spans_two_nodes_on_redis() {
 
 #[test]
 fn a_node_killed_with_sigkill_drops_out_within_the_ttl() {
-    let dir = Dir::new("sigkill");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-sigkill", CONFIG);
+    let config = file.path().to_string();
     let redis = Redis::start();
     let (mut a, b) = redis_nodes(&redis, &config, &["--presence-ttl", "2"]);
     let ch = "room:kill";
@@ -445,8 +420,8 @@ fn a_node_killed_with_sigkill_drops_out_within_the_ttl() {
 
 #[test]
 fn members_are_written_again_after_a_redis_restart() {
-    let dir = Dir::new("restart");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-restart", CONFIG);
+    let config = file.path().to_string();
     let mut redis = Redis::start();
     // A TTL far beyond the test's patience: the periodic refresh never comes; the refresh a
     // node makes when its link comes back finds the members gone.
@@ -468,8 +443,8 @@ fn members_are_written_again_after_a_redis_restart() {
 
 #[test]
 fn presence_spans_two_nodes_on_a_redis_cluster() {
-    let dir = Dir::new("cluster");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-cluster", CONFIG);
+    let config = file.path().to_string();
     let cluster = RedisCluster::start(3, 0);
     let extra = ["--config", config.as_str(), "--token-hmac-secret", SECRET];
     let a = cluster.node(2, &extra);
@@ -510,8 +485,8 @@ fn redis_ms(redis: &Redis) -> i64 {
 
 #[test]
 fn a_big_channel_lists_a_capped_sample_and_counts_everyone() {
-    let dir = Dir::new("big");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-big", CONFIG);
+    let config = file.path().to_string();
     let redis = Redis::start();
     let (a, _b) = redis_nodes(&redis, &config, &[]);
     let ch = "room:big";
@@ -568,8 +543,8 @@ fn a_big_channel_lists_a_capped_sample_and_counts_everyone() {
 
 #[test]
 fn a_drained_node_leaves_presence_at_once() {
-    let dir = Dir::new("drain");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-drain", CONFIG);
+    let config = file.path().to_string();
     let redis = Redis::start();
     // A TTL far beyond the test's patience: only the node's own farewell can remove its members.
     let extra = [
@@ -604,8 +579,8 @@ fn a_drained_node_leaves_presence_at_once() {
 
 #[test]
 fn presence_metrics_count_members() {
-    let dir = Dir::new("metrics");
-    let config = dir.config();
+    let file = ConfigFile::new("presence-metrics", CONFIG);
+    let config = file.path().to_string();
     let node = start(&config, &["--threads", "2"]);
     let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(&node, None)).collect();
     for c in &mut clients {
