@@ -121,6 +121,8 @@ pub struct ReactorMetrics {
     /// Messages another reactor could not queue to this one because its mailbox was full.
     pub bus_dropped: Counter,
     http: [Counter; STATUSES.len() + 1],
+    /// Token refreshes (see the block at the end of this file).
+    pub followups: FollowupMetrics,
 }
 
 impl ReactorMetrics {
@@ -304,6 +306,7 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
         reactors.len() as u64,
     );
 
+    render_followups(&mut out, reactors);
     out.push_str("# HELP fanout_connections_closed_total WebSocket connections closed, by reason.\n# TYPE fanout_connections_closed_total counter\n");
     for reason in CloseReason::ALL {
         let v = sum(&|m| m.closed_count(reason));
@@ -327,6 +330,44 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
         );
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token refreshes and the server API (issue #14's last items), kept in this one block so the
+// counters above stay as they were.
+
+/// A reactor's counts of `{"op":"refresh"}` by outcome.
+#[derive(Default, Debug)]
+pub struct RefreshCounters {
+    /// Verified and applied.
+    pub accepted: Counter,
+    /// Answered with an error: no keys, no token at connect, an invalid token, another user.
+    pub refused: Counter,
+    /// Answered with an error without verifying: over one per second on the connection.
+    pub limited: Counter,
+}
+
+/// What each reactor adds to its counters for this block.
+#[derive(Default, Debug)]
+pub struct FollowupMetrics {
+    pub refreshes: RefreshCounters,
+}
+
+fn render_followups(out: &mut String, reactors: &[&ReactorMetrics]) {
+    let sum = |f: &dyn Fn(&RefreshCounters) -> u64| -> u64 {
+        reactors.iter().map(|m| f(&m.followups.refreshes)).sum()
+    };
+    out.push_str("# HELP fanout_token_refreshes_total Token refreshes clients asked for (op refresh), by result: accepted; refused (an error reply); limited (more than one per second on the connection: refused without verifying the token).\n# TYPE fanout_token_refreshes_total counter\n");
+    for (result, v) in [
+        ("accepted", sum(&|r| r.accepted.get())),
+        ("refused", sum(&|r| r.refused.get())),
+        ("limited", sum(&|r| r.limited.get())),
+    ] {
+        let _ = writeln!(
+            out,
+            "fanout_token_refreshes_total{{result=\"{result}\"}} {v}"
+        );
+    }
 }
 
 #[cfg(test)]
