@@ -11,6 +11,7 @@
 //! - [`keys`]: the API keys and their constant-time check.
 //! - [`http`]: request heads and bodies with limits, JSON responses.
 //! - [`routes`]: the endpoints.
+//! - [`census`]: the other nodes' answers to a cluster-wide channel list, with Redis.
 //! - `openapi.json`: the OpenAPI 3.1 description, served at `/api/openapi.json`.
 //!
 //! Everything a caller can make it spend is bounded: [`MAX_CONNECTIONS`] connections (a few
@@ -19,6 +20,7 @@
 //! owed to it (more requests get 429). Each connection carries one request; every response says
 //! `Connection: close`.
 
+pub mod census;
 pub mod http;
 pub mod keys;
 pub mod options;
@@ -334,6 +336,14 @@ impl Api {
         let Phase::Body { head, route } = std::mem::replace(&mut conn.phase, Phase::Writing) else {
             return;
         };
+        let censuses = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.phase, Phase::Waiting(p) if p.is_census()))
+            .count();
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let body = conn
             .input
             .get(head.len..head.len + head.content_length)
@@ -345,6 +355,8 @@ impl Api {
                 serial: conn.serial,
             },
             awaited: &mut self.awaited,
+            censuses,
+            now: Instant::now(),
         };
         match routes::handle(route, &head, body, &mut ctx) {
             Outcome::Respond(response) => self.respond(key, response),
@@ -413,14 +425,20 @@ impl Api {
         if let Some(api) = &self.shared.api {
             api.rearm();
         }
-        // Bounded: every answer was counted in `awaited` when its request was sent.
+        // Bounded: every answer was counted in `awaited` when its request was sent; census
+        // parts, which nobody here asked for one by one, by the mailbox's byte budget.
         while let Ok(reply) = self.inbox.try_recv() {
-            self.awaited = self.awaited.saturating_sub(1);
             let ticket = match &reply {
+                ApiReply::CensusPart(part) => {
+                    self.on_census_part(part);
+                    continue;
+                }
                 ApiReply::Published { ticket, .. }
                 | ApiReply::Disconnected { ticket, .. }
-                | ApiReply::Channels { ticket, .. } => *ticket,
+                | ApiReply::Channels { ticket, .. }
+                | ApiReply::CensusSent { ticket, .. } => *ticket,
             };
+            self.awaited = self.awaited.saturating_sub(1);
             let Some(conn) = self
                 .conns
                 .get_mut(ticket.conn)
@@ -438,11 +456,39 @@ impl Api {
         }
     }
 
+    /// A part of another node's answer to a census: to the request it names, if it still waits.
+    fn on_census_part(&mut self, payload: &bytes::Bytes) {
+        if let Some(api) = &self.shared.api {
+            api.census_part_taken(payload.len());
+        }
+        let part = match crate::broker::census::parse_part(payload) {
+            Ok(part) => part,
+            Err(why) => {
+                log::debug!("api: ignored a census part: {why}");
+                return;
+            }
+        };
+        // The request's id is its connection's serial (see `routes::channels`).
+        let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.serial == part.req) else {
+            return;
+        };
+        let Phase::Waiting(pending) = &mut conn.phase else {
+            return;
+        };
+        if let Some(response) = pending.on_part(part) {
+            self.respond(key, response);
+        }
+    }
+
     fn check_deadlines(&mut self) {
         let now = Instant::now();
         let mut late = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             match &conn.phase {
+                // The other nodes had their time: answer with what came (it says incomplete).
+                Phase::Waiting(pending) if pending.census_due(now) => {
+                    late.push((key, pending.response()))
+                }
                 Phase::Lingering { until } if now >= *until => conn.phase = Phase::Done,
                 Phase::Head | Phase::Body { .. } if now >= conn.deadline => {
                     late.push((key, http::error(408, "the request did not arrive in time")))
@@ -495,6 +541,9 @@ impl Conn {
         match &self.phase {
             Phase::Lingering { until } => *until,
             Phase::Writing => self.deadline + LINGER,
+            Phase::Waiting(pending) => pending
+                .census_until()
+                .map_or(self.deadline, |until| until.min(self.deadline)),
             _ => self.deadline,
         }
     }
