@@ -119,7 +119,7 @@ impl Shared {
 
     pub fn render_metrics(&self) -> String {
         let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
-        metrics::render(
+        let mut text = metrics::render(
             &all,
             if !self.config.redis_cluster.is_empty() {
                 metrics::RedisKind::Cluster
@@ -129,7 +129,11 @@ impl Shared {
                 metrics::RedisKind::None
             },
             self.draining.load(Ordering::Acquire),
-        )
+        );
+        if let Some(api) = &self.api {
+            metrics::render_api(&mut text, &api.metrics);
+        }
+        text
     }
 
     /// The Redis addresses the supervisor last resolved, in the order given (a lock taken only

@@ -475,6 +475,66 @@ fn every_bad_request_gets_its_status_and_a_json_error() {
 }
 
 #[test]
+fn metrics_count_api_requests_by_route_and_status() {
+    let (server, api) = api_node(&[]);
+    let m = server.metrics();
+    assert_eq!(
+        m.types.get("fanout_api_requests_total").map(String::as_str),
+        Some("counter")
+    );
+    assert!(
+        !m.samples
+            .keys()
+            .any(|k| k.starts_with("fanout_api_requests_total{")),
+        "no request answered yet: no pair"
+    );
+    assert_eq!(m.get("fanout_api_requests_waiting"), 0.0);
+    assert_eq!(m.get("fanout_api_answers_pending"), 0.0);
+
+    let _sub = raw_subscriber(&server, "news", None);
+    for _ in 0..3 {
+        assert_ok(
+            &api.post("/api/publish", &json!({"channel":"news","data":1})),
+            json!({"ok": true}),
+        );
+    }
+    assert_eq!(api.get("/api/channels").status, 200);
+    assert_eq!(api.get("/api/info").status, 200);
+    assert_eq!(api.get("/api/openapi.json").status, 200);
+    api.with_key(None).get("/api/info").error(401);
+    api.post("/api/info", &json!({})).error(405);
+    api.post_raw("/api/publish", b"[1]").error(400);
+    api.get("/api/nope").error(404);
+    api.raw(b"\0\0 nonsense\r\n\r\n").error(400);
+
+    let m = server.metrics();
+    let n = |route: &str, status: &str| {
+        m.get(&format!(
+            "fanout_api_requests_total{{route=\"{route}\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!(n("publish", "200"), 3.0);
+    assert_eq!(n("channels", "200"), 1.0);
+    assert_eq!(n("info", "200"), 1.0);
+    assert_eq!(n("openapi", "200"), 1.0);
+    assert_eq!(n("info", "401"), 1.0);
+    assert_eq!(n("info", "405"), 1.0);
+    assert_eq!(n("publish", "400"), 1.0);
+    // An unknown path and a malformed head name no route.
+    assert_eq!(n("none", "404"), 1.0);
+    assert_eq!(n("none", "400"), 1.0);
+    let total: f64 = m
+        .samples
+        .iter()
+        .filter(|(k, _)| k.starts_with("fanout_api_requests_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(total, 11.0, "nothing else counted");
+    assert_eq!(m.get("fanout_api_requests_waiting"), 0.0);
+    assert_eq!(m.get("fanout_api_answers_pending"), 0.0);
+}
+
+#[test]
 fn api_connections_are_bounded_and_a_request_that_never_ends_gets_408() {
     let (server, api) = api_node(&[]);
     // 64 connections that never finish their request hold every slot of the API.
@@ -993,6 +1053,23 @@ fn with_redis_channels_are_counted_on_every_node_and_a_silent_node_is_reported()
         counts(&api.get("/api/channels")),
         (without_c.clone(), false, 2, json!(3))
     );
+    // At most two such lists at once: while two wait, a third is refused.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let api = api.clone();
+            std::thread::spawn(move || api.get("/api/channels"))
+        })
+        .collect();
+    assert_eq!(
+        a.wait_metric("fanout_api_requests_waiting", 2.0, PATIENCE),
+        2.0
+    );
+    let why = api.get("/api/channels").error(429);
+    assert!(why.contains("cluster-wide channel lists"), "{why}");
+    for t in waiting {
+        let r = t.join().unwrap();
+        assert_eq!(counts(&r), (without_c.clone(), false, 2, json!(3)));
+    }
     // Woken up, it answers the requests it missed late; those answers change nothing, and the
     // next list is whole again.
     c.signal("CONT");
@@ -1016,6 +1093,11 @@ fn with_redis_channels_are_counted_on_every_node_and_a_silent_node_is_reported()
     assert_eq!(
         counts(&api.get("/api/channels")),
         (without_c, true, 2, json!(2))
+    );
+    assert_eq!(
+        a.metrics()
+            .get(r#"fanout_api_requests_total{route="channels",status="429"}"#),
+        1.0
     );
 }
 

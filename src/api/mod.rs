@@ -134,6 +134,8 @@ struct Conn {
     read_closed: bool,
     /// Accepted past [`MAX_CONNECTIONS`], only to be answered 503.
     refused: bool,
+    /// The route its path names, once the head is read (for `/metrics`).
+    route: Option<Route>,
 }
 
 struct Api {
@@ -202,6 +204,7 @@ impl Api {
             }
             self.check_deadlines();
             self.remove_done();
+            self.publish_gauges();
         }
     }
 
@@ -236,6 +239,7 @@ impl Api {
                         deadline: Instant::now() + DEADLINE,
                         read_closed: false,
                         refused,
+                        route: None,
                     });
                     self.next_serial += 1;
                     if refused {
@@ -314,16 +318,21 @@ impl Api {
             match http::parse_head(&conn.input) {
                 Ok(None) => return,
                 Err(response) => return self.respond(key, response),
-                Ok(Some(head)) => match routes::check(&head, &self.keys) {
-                    Err(response) => return self.respond(key, response),
-                    Ok(route) => {
-                        if head.expect_continue && conn.input.len() < head.len + head.content_length
-                        {
-                            conn.out.extend_from_slice(http::CONTINUE);
+                Ok(Some(head)) => {
+                    // Known before the checks, so a refusal is counted under its route too.
+                    conn.route = routes::route_of(&head.path);
+                    match routes::check(&head, &self.keys) {
+                        Err(response) => return self.respond(key, response),
+                        Ok(route) => {
+                            if head.expect_continue
+                                && conn.input.len() < head.len + head.content_length
+                            {
+                                conn.out.extend_from_slice(http::CONTINUE);
+                            }
+                            conn.phase = Phase::Body { head, route };
                         }
-                        conn.phase = Phase::Body { head, route };
                     }
-                },
+                }
             }
         }
         let Phase::Body { head, .. } = &conn.phase else {
@@ -374,6 +383,10 @@ impl Api {
         };
         if response.status >= 500 {
             log::debug!("api: answered {}", response.status);
+        }
+        if let Some(api) = &self.shared.api {
+            let route = conn.route.map_or("none", Route::label);
+            api.metrics.response(route, response.status);
         }
         conn.out.extend_from_slice(&response.bytes);
         conn.input = Vec::new();
@@ -502,6 +515,19 @@ impl Api {
         }
         for (key, response) in late {
             self.respond(key, response);
+        }
+    }
+
+    /// What `/metrics` shows of the requests under way, as of the end of this turn.
+    fn publish_gauges(&self) {
+        if let Some(api) = &self.shared.api {
+            let waiting = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.phase, Phase::Waiting(_)))
+                .count();
+            api.metrics.waiting.set(waiting as u64);
+            api.metrics.awaited.set(self.awaited as u64);
         }
     }
 

@@ -66,6 +66,28 @@ const ROUTES: [(&str, Route, &str); 6] = [
     ("/api/openapi.json", Route::OpenApi, "GET"),
 ];
 
+impl Route {
+    /// Its label in `/metrics` (one of `metrics::API_ROUTES`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Publish => "publish",
+            Route::Broadcast => "broadcast",
+            Route::Disconnect => "disconnect",
+            Route::Channels => "channels",
+            Route::Info => "info",
+            Route::OpenApi => "openapi",
+        }
+    }
+}
+
+/// The route a path names, whatever the method or key (for counting the answer).
+pub fn route_of(path: &str) -> Option<Route> {
+    ROUTES
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|&(_, route, _)| route)
+}
+
 /// What a request may be told before its body is read: 404, 405, 401 or 415; else its route.
 pub fn check(head: &Head, keys: &ApiKeys) -> Result<Route, Response> {
     let Some(&(_, route, method)) = ROUTES.iter().find(|(path, _, _)| *path == head.path) else {

@@ -203,6 +203,8 @@ pub struct ApiMailbox {
     woken: AtomicBool,
     /// Bytes of [`ApiReply::CensusPart`]s queued and not yet taken.
     census_bytes: AtomicUsize,
+    /// The API thread's counters, here because this is the API's part of the node's state.
+    pub metrics: crate::metrics::ApiMetrics,
 }
 
 impl ApiMailbox {
@@ -213,6 +215,7 @@ impl ApiMailbox {
             waker,
             woken: AtomicBool::new(false),
             census_bytes: AtomicUsize::new(0),
+            metrics: Default::default(),
         };
         (mailbox, inbox)
     }
