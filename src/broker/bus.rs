@@ -115,6 +115,9 @@ pub enum Request {
     Read(Box<ReadFor>),
     /// Send what a channel census needs sent (see [`census`](super::census)).
     Census(super::census::ToHub),
+    /// A `presence` or `presence_stats` command (`reactor::presence`); answered with
+    /// [`Reply::Presence`].
+    Presence(Box<super::presence::Ask>),
 }
 
 /// What the Redis reactor answers.
@@ -134,6 +137,8 @@ pub enum Reply {
     },
     /// A history read could not be answered in the message queue (it was full).
     ReadFailed(Box<ReadFor>),
+    /// The reply frame to a [`Request::Presence`].
+    Presence(Box<super::presence::Answer>),
 }
 
 /// What one thread asks of a reactor besides delivering messages.

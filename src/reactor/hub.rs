@@ -182,6 +182,7 @@ impl Reactor {
             } => self.hub_unsubscribe(reactor, channel),
             Request::Read(to) => self.hub_read(to),
             Request::Census(request) => self.on_census_request(request),
+            Request::Presence(ask) => self.hub_presence(ask),
             Request::Publish {
                 channel,
                 payload,
@@ -439,6 +440,14 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } if self.is_census_reply(&channel) => {
                     self.on_census_part(payload)
+                }
+                RedisEvent::Message { channel, payload }
+                    if payload.starts_with(crate::broker::presence::EVENT_MAGIC) =>
+                {
+                    // A join or leave (reactor::presence).
+                    if let Some(msg) = self.presence_event(&channel, &payload) {
+                        self.hub_deliver(&msg);
+                    }
                 }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();

@@ -16,6 +16,7 @@ mod census;
 mod conns;
 mod history;
 mod hub;
+mod presence;
 mod pubsub;
 mod routes;
 mod timers;

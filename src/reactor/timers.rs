@@ -1,7 +1,8 @@
 //! Time-driven work of a reactor: the Redis link's retries (and interest changes a full queue to
 //! the Redis reactor did not take), resuming accepts after EMFILE, the
-//! sweep that pings silent clients and ends idle or stalled ones, the graceful drain, and log
-//! lines that are rate-limited so a flood cannot flood the log.
+//! sweep that pings silent clients and ends idle or stalled ones (and, standalone, expires
+//! channel history), the graceful drain, and log lines that are rate-limited so a flood cannot
+//! flood the log.
 //!
 //! The drain costs what is due: the connections to close are listed once when it starts and each
 //! step closes the next batch from that list, rather than scanning every connection per tick.
@@ -27,6 +28,10 @@ pub(super) struct Timers {
     refused_logged: (u64, u64),
     /// When an oversized message from Redis was last reported in the log.
     oversized_logged_ms: Option<u64>,
+    /// When the Redis reactor next refreshes the node's presence (reactor::presence).
+    pub(super) presence_refresh_ms: u64,
+    /// Whether the Redis link was up at the last presence tick.
+    pub(super) presence_link_up: bool,
 }
 
 impl Timers {
@@ -39,6 +44,8 @@ impl Timers {
             accept_paused_until_ms: None,
             refused_logged: (0, 0),
             oversized_logged_ms: None,
+            presence_refresh_ms: 0,
+            presence_link_up: false,
         }
     }
 
@@ -67,6 +74,7 @@ impl Reactor {
                 });
             }
             self.redis_events();
+            self.presence_tick();
         }
         self.retry_deferred();
         let now_ms = self.clock.now_ms;
@@ -84,6 +92,15 @@ impl Reactor {
         if now_ms >= self.timers.next_sweep_ms {
             self.timers.next_sweep_ms = now_ms + self.timers.sweep_every_ms;
             self.sweep();
+            if self.index == 0 && !self.redis_mode() {
+                // Standalone history: channels past their TTL go (one reactor is enough).
+                let mut history = self
+                    .shared
+                    .history
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                history.expire(self.clock.now);
+            }
         }
     }
 
@@ -198,6 +215,8 @@ impl Reactor {
         // Once every client is gone there is nothing left to spread: exit without waiting out
         // the rest of the drain time (the listener is already closed, so none can arrive).
         if self.conns.live_count() == 0 || now >= hard_stop {
+            // The node leaves presence now rather than after --presence-ttl (best effort).
+            self.presence_farewell();
             self.stopped = true;
         }
     }
