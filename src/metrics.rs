@@ -127,6 +127,8 @@ pub struct ReactorMetrics {
     /// Channels whose members the node wrote to Redis again as a whole (the Redis reactor).
     pub presence_resyncs: Counter,
     http: [Counter; STATUSES.len() + 1],
+    /// Token refreshes (see the block at the end of this file).
+    pub followups: FollowupMetrics,
 }
 
 impl ReactorMetrics {
@@ -342,6 +344,7 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
         reactors.len() as u64,
     );
 
+    render_followups(&mut out, reactors);
     out.push_str("# HELP fanout_connections_closed_total WebSocket connections closed, by reason.\n# TYPE fanout_connections_closed_total counter\n");
     for reason in CloseReason::ALL {
         let v = sum(&|m| m.closed_count(reason));
@@ -365,6 +368,120 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
         );
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token refreshes and the server API (issue #14's last items), kept in this one block so the
+// counters above stay as they were.
+
+/// A reactor's counts of `{"op":"refresh"}` by outcome.
+#[derive(Default, Debug)]
+pub struct RefreshCounters {
+    /// Verified and applied.
+    pub accepted: Counter,
+    /// Answered with an error: no keys, no token at connect, an invalid token, another user.
+    pub refused: Counter,
+    /// Answered with an error without verifying: over one per second on the connection.
+    pub limited: Counter,
+}
+
+/// What each reactor adds to its counters for this block.
+#[derive(Default, Debug)]
+pub struct FollowupMetrics {
+    pub refreshes: RefreshCounters,
+}
+
+/// Routes of the server API as `/metrics` labels them; `none` is a request that named no route
+/// (a malformed head, an unknown path, a connection refused at accept).
+pub const API_ROUTES: [&str; 7] = [
+    "publish",
+    "broadcast",
+    "disconnect",
+    "channels",
+    "info",
+    "openapi",
+    "none",
+];
+
+/// Statuses the server API answers with; anything else is counted as "other".
+const API_STATUSES: [u16; 13] = [
+    200, 400, 401, 404, 405, 408, 411, 413, 415, 429, 431, 503, 504,
+];
+
+/// The server API's counters. Only its thread writes them; `/metrics` reads them.
+#[derive(Default, Debug)]
+pub struct ApiMetrics {
+    responses: [[Counter; API_STATUSES.len() + 1]; API_ROUTES.len()],
+    /// Requests waiting for answers from the reactors, Redis or other nodes (a gauge).
+    pub waiting: Counter,
+    /// Answers the API thread is owed by the reactors and Redis (a gauge).
+    pub awaited: Counter,
+}
+
+impl ApiMetrics {
+    /// Counts one response; `route` is one of [`API_ROUTES`] (anything else counts as `none`).
+    pub fn response(&self, route: &str, status: u16) {
+        let r = API_ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(API_ROUTES.len() - 1);
+        let s = API_STATUSES
+            .iter()
+            .position(|x| *x == status)
+            .unwrap_or(API_STATUSES.len());
+        if let Some(c) = self.responses.get(r).and_then(|row| row.get(s)) {
+            c.inc();
+        }
+    }
+}
+
+/// The server API's part of `/metrics` (a node with `--api-listen`). Route and status pairs
+/// appear once they were answered at least once, as labelled counters usually do: the full
+/// product would be ~100 lines of zeros.
+pub fn render_api(out: &mut String, api: &ApiMetrics) {
+    out.push_str("# HELP fanout_api_requests_total Server API requests answered, by route and status (route none: no route was named, e.g. an unknown path).\n# TYPE fanout_api_requests_total counter\n");
+    for (route, row) in API_ROUTES.iter().zip(&api.responses) {
+        let statuses = API_STATUSES
+            .iter()
+            .map(u16::to_string)
+            .chain(["other".to_string()]);
+        for (status, c) in statuses.zip(row) {
+            let v = c.get();
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "fanout_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {v}"
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP fanout_api_requests_waiting Server API requests waiting for answers from the node's reactors, Redis or other nodes.\n# TYPE fanout_api_requests_waiting gauge\nfanout_api_requests_waiting {}",
+        api.waiting.get()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fanout_api_answers_pending Answers the server API is owed by the node's reactors and Redis (past 65536, requests that need answers get 429).\n# TYPE fanout_api_answers_pending gauge\nfanout_api_answers_pending {}",
+        api.awaited.get()
+    );
+}
+
+fn render_followups(out: &mut String, reactors: &[&ReactorMetrics]) {
+    let sum = |f: &dyn Fn(&RefreshCounters) -> u64| -> u64 {
+        reactors.iter().map(|m| f(&m.followups.refreshes)).sum()
+    };
+    out.push_str("# HELP fanout_token_refreshes_total Token refreshes clients asked for (op refresh), by result: accepted; refused (an error reply); limited (more than one per second on the connection: refused without verifying the token).\n# TYPE fanout_token_refreshes_total counter\n");
+    for (result, v) in [
+        ("accepted", sum(&|r| r.accepted.get())),
+        ("refused", sum(&|r| r.refused.get())),
+        ("limited", sum(&|r| r.limited.get())),
+    ] {
+        let _ = writeln!(
+            out,
+            "fanout_token_refreshes_total{{result=\"{result}\"}} {v}"
+        );
+    }
 }
 
 /// The standalone history store's gauges and its eviction counter (`--history-max-bytes`).
@@ -399,5 +516,24 @@ mod tests {
         assert!(text.contains("fanout_http_responses_total{status=\"404\"} 1\n"));
         assert!(text.contains("fanout_http_responses_total{status=\"other\"} 1\n"));
         assert!(!text.contains("redis"));
+        assert!(text.contains("fanout_token_refreshes_total{result=\"limited\"} 0\n"));
+    }
+
+    #[test]
+    fn api_responses_by_route_and_status() {
+        let api = ApiMetrics::default();
+        api.response("publish", 200);
+        api.response("publish", 200);
+        api.response("channels", 429);
+        api.response("nonsense", 599);
+        api.waiting.set(2);
+        let mut text = String::new();
+        render_api(&mut text, &api);
+        assert!(text.contains("fanout_api_requests_total{route=\"publish\",status=\"200\"} 2\n"));
+        assert!(text.contains("fanout_api_requests_total{route=\"channels\",status=\"429\"} 1\n"));
+        assert!(text.contains("fanout_api_requests_total{route=\"none\",status=\"other\"} 1\n"));
+        assert!(!text.contains("status=\"404\""), "only what was answered");
+        assert!(text.contains("fanout_api_requests_waiting 2\n"));
+        assert!(text.contains("fanout_api_answers_pending 0\n"));
     }
 }

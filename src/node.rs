@@ -135,6 +135,9 @@ impl Shared {
             },
             self.draining.load(Ordering::Acquire),
         );
+        if let Some(api) = &self.api {
+            metrics::render_api(&mut text, &api.metrics);
+        }
         if !self.config.uses_redis() {
             let s = self
                 .history

@@ -60,6 +60,17 @@ fn raw_subscriber(server: &Server, channel: &str, token: Option<&str>) -> Ws {
     server.ws(&path)
 }
 
+/// A complete `/api/channels` answer from `nodes` nodes (standalone: 1).
+fn listing(channels: Value, nodes: usize) -> Value {
+    json!({
+        "channels": channels,
+        "truncated": false,
+        "complete": true,
+        "nodes": nodes,
+        "nodes_expected": nodes,
+    })
+}
+
 fn assert_ok(r: &ApiResponse, want: Value) {
     assert_eq!((r.status, &r.json), (200, &want), "{r:?}");
     assert_eq!(
@@ -160,20 +171,20 @@ fn channels_and_info_describe_the_node() {
     let r = api.get("/api/channels");
     assert_ok(
         &r,
-        json!({"channels": [
-            {"name": "a", "subscribers": 4},
-            {"name": "b", "subscribers": 1},
-            {"name": "room:1", "subscribers": 1},
-        ], "truncated": false}),
+        listing(
+            json!([
+                {"name": "a", "subscribers": 4},
+                {"name": "b", "subscribers": 1},
+                {"name": "room:1", "subscribers": 1},
+            ]),
+            1,
+        ),
     );
     assert_ok(
         &api.get("/api/channels?prefix=room%3A"),
-        json!({"channels": [{"name": "room:1", "subscribers": 1}], "truncated": false}),
+        listing(json!([{"name": "room:1", "subscribers": 1}]), 1),
     );
-    assert_ok(
-        &api.get("/api/channels?prefix=zzz"),
-        json!({"channels": [], "truncated": false}),
-    );
+    assert_ok(&api.get("/api/channels?prefix=zzz"), listing(json!([]), 1));
     let long = "p".repeat(129);
     api.get(&format!("/api/channels?prefix={long}")).error(400);
 
@@ -464,6 +475,66 @@ fn every_bad_request_gets_its_status_and_a_json_error() {
 }
 
 #[test]
+fn metrics_count_api_requests_by_route_and_status() {
+    let (server, api) = api_node(&[]);
+    let m = server.metrics();
+    assert_eq!(
+        m.types.get("fanout_api_requests_total").map(String::as_str),
+        Some("counter")
+    );
+    assert!(
+        !m.samples
+            .keys()
+            .any(|k| k.starts_with("fanout_api_requests_total{")),
+        "no request answered yet: no pair"
+    );
+    assert_eq!(m.get("fanout_api_requests_waiting"), 0.0);
+    assert_eq!(m.get("fanout_api_answers_pending"), 0.0);
+
+    let _sub = raw_subscriber(&server, "news", None);
+    for _ in 0..3 {
+        assert_ok(
+            &api.post("/api/publish", &json!({"channel":"news","data":1})),
+            json!({"ok": true}),
+        );
+    }
+    assert_eq!(api.get("/api/channels").status, 200);
+    assert_eq!(api.get("/api/info").status, 200);
+    assert_eq!(api.get("/api/openapi.json").status, 200);
+    api.with_key(None).get("/api/info").error(401);
+    api.post("/api/info", &json!({})).error(405);
+    api.post_raw("/api/publish", b"[1]").error(400);
+    api.get("/api/nope").error(404);
+    api.raw(b"\0\0 nonsense\r\n\r\n").error(400);
+
+    let m = server.metrics();
+    let n = |route: &str, status: &str| {
+        m.get(&format!(
+            "fanout_api_requests_total{{route=\"{route}\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!(n("publish", "200"), 3.0);
+    assert_eq!(n("channels", "200"), 1.0);
+    assert_eq!(n("info", "200"), 1.0);
+    assert_eq!(n("openapi", "200"), 1.0);
+    assert_eq!(n("info", "401"), 1.0);
+    assert_eq!(n("info", "405"), 1.0);
+    assert_eq!(n("publish", "400"), 1.0);
+    // An unknown path and a malformed head name no route.
+    assert_eq!(n("none", "404"), 1.0);
+    assert_eq!(n("none", "400"), 1.0);
+    let total: f64 = m
+        .samples
+        .iter()
+        .filter(|(k, _)| k.starts_with("fanout_api_requests_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(total, 11.0, "nothing else counted");
+    assert_eq!(m.get("fanout_api_requests_waiting"), 0.0);
+    assert_eq!(m.get("fanout_api_answers_pending"), 0.0);
+}
+
+#[test]
 fn api_connections_are_bounded_and_a_request_that_never_ends_gets_408() {
     let (server, api) = api_node(&[]);
     // 64 connections that never finish their request hold every slot of the API.
@@ -726,11 +797,17 @@ fn with_redis_publish_broadcast_and_disconnect_reach_another_node() {
     assert_eq!(raw_b.next_text("broadcast on b, raw"), "both");
     assert_eq!(raw_a.next_text("broadcast on a, raw"), "both");
 
-    // Channels are this node's; info says which broker.
+    // Channels are every node's (node b has no API but answers); info says which broker.
     let channels = api.get("/api/channels");
     assert_ok(
         &channels,
-        json!({"channels": [{"name":"news","subscribers":2}], "truncated": false}),
+        listing(
+            json!([
+                {"name": "news", "subscribers": 4},
+                {"name": "other", "subscribers": 1},
+            ]),
+            2,
+        ),
     );
     let info = api.get("/api/info");
     assert_eq!(
@@ -798,16 +875,23 @@ fn the_control_channel_is_prefixed_and_no_client_can_use_it() {
     let redis = Redis::start();
     let a = redis_node(&redis, true, &["--redis-prefix", "app1:"]);
     wait_control_subscribed(&redis, "app1:", 1);
-    let all: Vec<String> = redis
+    let node = ApiClient::of(&a).get("/api/info").json["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = format!("app1:__fanout/reply/{node}");
+    assert_eq!(redis.wait_numsub(&reply, 1, PATIENCE), 1, "{reply}");
+    let mut all: Vec<String> = redis
         .call(&[b"PUBSUB", b"CHANNELS"])
         .items()
         .iter()
         .map(Reply::text)
         .collect();
+    all.sort();
     assert_eq!(
         all,
-        ["app1:__fanout/control"],
-        "only the control channel, prefixed"
+        ["app1:__fanout/control".to_string(), reply],
+        "only the control channel and the API node's census replies, prefixed"
     );
     assert_eq!(
         a.metrics().get("fanout_redis_subscriptions"),
@@ -887,6 +971,155 @@ fn with_redis_down_publishes_and_disconnects_get_503_with_the_reason() {
     wait_control_subscribed(&redis, "", 1);
 }
 
+/// The `(name, subscribers)` pairs of an `/api/channels` answer, and its other fields.
+fn counts(r: &ApiResponse) -> (Vec<(String, u64)>, bool, u64, Value) {
+    assert_eq!(r.status, 200, "{r:?}");
+    let list = r.json["channels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no channels in {r:?}"))
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["subscribers"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(r.json["truncated"], false, "{r:?}");
+    (
+        list,
+        r.json["complete"].as_bool().unwrap(),
+        r.json["nodes"].as_u64().unwrap(),
+        r.json["nodes_expected"].clone(),
+    )
+}
+
+fn pairs(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+}
+
+#[test]
+fn with_redis_channels_are_counted_on_every_node_and_a_silent_node_is_reported() {
+    let redis = Redis::start();
+    let a = redis_node(&redis, true, &[]);
+    // Nodes without an API answer too.
+    let b = redis_node(&redis, false, &[]);
+    let mut c = redis_node(&redis, false, &[]);
+    let api = ApiClient::of(&a);
+    wait_control_subscribed(&redis, "", 3);
+    let node = api.get("/api/info").json["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // news: 2 on a, 3 on b (a few clients, so both of b's reactors are likely to have some),
+    // 1 on c; room:b and room:c on one node each.
+    let _clients = [
+        raw_subscriber(&a, "news", None),
+        json_subscriber(&a, "news", None),
+        raw_subscriber(&b, "news", None),
+        raw_subscriber(&b, "news", None),
+        json_subscriber(&b, "news", None),
+        json_subscriber(&b, "room:b", None),
+        raw_subscriber(&c, "news", None),
+        raw_subscriber(&c, "room:c", None),
+    ];
+    let every = pairs(&[("news", 6), ("room:b", 1), ("room:c", 1)]);
+    assert_eq!(
+        counts(&api.get("/api/channels")),
+        (every.clone(), true, 3, json!(3))
+    );
+    assert_eq!(
+        counts(&api.get("/api/channels?prefix=room%3A")),
+        (pairs(&[("room:b", 1), ("room:c", 1)]), true, 3, json!(3))
+    );
+    // What anyone may publish on the reply channel cannot confuse it: not a part, or a part of
+    // no request under way.
+    let reply = format!("__fanout/reply/{node}");
+    assert_eq!(redis.publish(&reply, b"not a part"), 1);
+    let stray = json!({"op":"channels","req":999_999,"node":"x","reactor":0,"reactors":1,
+        "channels":[["news",1000]],"truncated":false});
+    assert_eq!(redis.publish(&reply, stray.to_string().as_bytes()), 1);
+    assert_eq!(
+        counts(&api.get("/api/channels")),
+        (every.clone(), true, 3, json!(3))
+    );
+
+    // A node that stopped answering (but is still subscribed: SIGSTOP) leaves the answer
+    // incomplete once the census gives up waiting, and its counts out.
+    c.signal("STOP");
+    let without_c = pairs(&[("news", 5), ("room:b", 1)]);
+    assert_eq!(
+        counts(&api.get("/api/channels")),
+        (without_c.clone(), false, 2, json!(3))
+    );
+    // At most two such lists at once: while two wait, a third is refused.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let api = api.clone();
+            std::thread::spawn(move || api.get("/api/channels"))
+        })
+        .collect();
+    assert_eq!(
+        a.wait_metric("fanout_api_requests_waiting", 2.0, PATIENCE),
+        2.0
+    );
+    let why = api.get("/api/channels").error(429);
+    assert!(why.contains("cluster-wide channel lists"), "{why}");
+    for t in waiting {
+        let r = t.join().unwrap();
+        assert_eq!(counts(&r), (without_c.clone(), false, 2, json!(3)));
+    }
+    // Woken up, it answers the requests it missed late; those answers change nothing, and the
+    // next list is whole again.
+    c.signal("CONT");
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        let r = api.get("/api/channels");
+        if counts(&r).1 {
+            assert_eq!(counts(&r), (every.clone(), true, 3, json!(3)));
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "node c never answered again: {r:?}"
+        );
+    }
+
+    // A node that is gone is not waited for: Redis says the request reached two nodes.
+    c.signal("KILL");
+    assert!(c.wait_exit(PATIENCE).is_some());
+    wait_control_subscribed(&redis, "", 2);
+    assert_eq!(
+        counts(&api.get("/api/channels")),
+        (without_c, true, 2, json!(2))
+    );
+    assert_eq!(
+        a.metrics()
+            .get(r#"fanout_api_requests_total{route="channels",status="429"}"#),
+        1.0
+    );
+}
+
+#[test]
+fn with_redis_down_channels_are_this_nodes_and_say_so() {
+    let mut redis = Redis::start();
+    let a = redis_node(&redis, true, &[]);
+    let api = ApiClient::of(&a);
+    wait_control_subscribed(&redis, "", 1);
+    let _sub = raw_subscriber(&a, "news", None);
+    redis.kill();
+    assert!(wait_status(a.addr, "/readyz", 503, PATIENCE).is_some());
+    let r = api.get("/api/channels");
+    assert_eq!(
+        counts(&r),
+        (pairs(&[("news", 1)]), false, 1, Value::Null),
+        "{r:?}"
+    );
+    let why = r.json["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("redis unavailable"), "{r:?}");
+}
+
 #[test]
 fn with_a_redis_cluster_publish_broadcast_and_disconnect_reach_another_node() {
     let cluster = RedisCluster::start(3, 0);
@@ -953,4 +1186,46 @@ fn with_a_redis_cluster_publish_broadcast_and_disconnect_reach_another_node() {
             "client {i}"
         );
     }
+}
+
+#[test]
+fn with_a_redis_cluster_channels_are_counted_on_every_node() {
+    let cluster = RedisCluster::start(3, 0);
+    let mut with_api = vec!["--token-hmac-secret", SECRET];
+    with_api.extend_from_slice(&API_ARGS);
+    let a = cluster.node(2, &with_api);
+    let mut b = cluster.node(2, &["--token-hmac-secret", SECRET]);
+    let api = ApiClient::of(&a);
+    assert_eq!(cluster.wait_shardnumsub(CONTROL_CHANNEL, 2), 2);
+    // The API node's reply channel lives on its own slot's shard, like any channel.
+    let node = api.get("/api/info").json["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = format!("__fanout/reply/{node}");
+    assert_eq!(cluster.wait_shardnumsub(&reply, 1), 1, "{reply}");
+
+    // One channel per shard: each has a subscriber on b, the first two more on a and b.
+    let channels = cluster.channels_on_every_shard("", 3);
+    let mut clients: Vec<Ws> = channels
+        .iter()
+        .map(|c| raw_subscriber(&b, c, None))
+        .collect();
+    clients.push(raw_subscriber(&a, &channels[0], None));
+    clients.push(json_subscriber(&b, &channels[0], None));
+    let mut want: Vec<(String, u64)> = channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), if i == 0 { 3 } else { 1 }))
+        .collect();
+    want.sort();
+    assert_eq!(counts(&api.get("/api/channels")), (want, true, 2, json!(2)));
+
+    b.signal("KILL");
+    assert!(b.wait_exit(PATIENCE).is_some());
+    assert_eq!(cluster.wait_shardnumsub(CONTROL_CHANNEL, 1), 1);
+    assert_eq!(
+        counts(&api.get("/api/channels")),
+        (vec![(channels[0].clone(), 1)], true, 1, json!(1))
+    );
 }

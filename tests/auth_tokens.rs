@@ -256,20 +256,26 @@ fn an_expiring_token_closes_4001_unless_refreshed() {
         Some("fanout.json"),
     )
     .unwrap();
-    refreshed.send_text(&json!({"op":"refresh","token":"junk","id":1}).to_string());
-    let reply = refreshed.next_json("bad refresh");
-    assert_eq!(reply["op"], "error", "{reply}");
-    assert!(
-        reply["error"].as_str().unwrap().contains("invalid token"),
-        "{reply}"
-    );
-    refreshed.send_text(&json!({"op":"refresh","token":other_user,"id":2}).to_string());
-    let reply = refreshed.next_json("another user's token");
-    assert_eq!(reply["op"], "error", "{reply}");
-    assert!(
-        reply["error"].as_str().unwrap().contains("\"u2\""),
-        "{reply}"
-    );
+    // Each refused refresh on a connection of its own (with a token that outlives the test): a
+    // connection gets one token verified per second.
+    for (token, what, names) in [
+        ("junk", "bad refresh", "invalid token"),
+        (other_user.as_str(), "another user's token", "\"u2\""),
+    ] {
+        let mut ws = Ws::connect(
+            server.addr,
+            &format!("/ws?token={later}"),
+            Some("fanout.json"),
+        )
+        .unwrap();
+        ws.send_text(&json!({"op":"refresh","token":token,"id":1}).to_string());
+        let reply = ws.next_json(what);
+        assert_eq!(reply["op"], "error", "{what}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(names),
+            "{what}: {reply}"
+        );
+    }
     refreshed.send_text(&json!({"op":"refresh","token":later,"id":3}).to_string());
     assert_eq!(refreshed.next_json("refresh"), json!({"op":"ok","id":3}));
     let (code, reason) = expiring
@@ -283,6 +289,112 @@ fn an_expiring_token_closes_4001_unless_refreshed() {
         json!({"op":"ok","id":4})
     );
     assert_eq!(server.metrics().closed("auth"), 1.0);
+}
+
+/// What the server answers a refresh that comes too soon after the last one verified.
+const REFRESH_LIMITED: &str = "at most one refresh per 1000 ms per connection";
+
+#[test]
+fn a_burst_of_refreshes_gets_one_verified_and_the_rest_refused_unchecked() {
+    let server = required(&["--threads", "2"]);
+    let token = |exp: u64| hs256(&json!({"sub":"u1","exp":exp}));
+    let mut ws = Ws::connect(
+        server.addr,
+        &format!("/ws?token={}", token(unix_now() + 600)),
+        Some("fanout.json"),
+    )
+    .unwrap();
+    // 20 refreshes in one write, so the reactor reads them together (the same turn, the same
+    // millisecond of its clock): the first is verified, the other 19 are not. Every odd one
+    // carries a token that does not verify: its error names the limit, not the token, which
+    // shows it was never checked.
+    let mut burst = Vec::new();
+    for i in 0..20u64 {
+        let t = if i % 2 == 1 {
+            "junk.junk.junk".to_string()
+        } else {
+            token(unix_now() + 600 + i)
+        };
+        let frame = json!({"op":"refresh","token":t,"id":i}).to_string();
+        burst.extend_from_slice(&client_frame(TEXT, frame.as_bytes()));
+    }
+    std::io::Write::write_all(&mut ws.stream, &burst).unwrap();
+    let (mut ok, mut limited) = (Vec::new(), 0);
+    for i in 0..20 {
+        let reply = ws.next_json(&format!("reply {i} of the burst"));
+        assert_eq!(reply["id"], i, "replies come in order: {reply}");
+        match reply["op"].as_str() {
+            Some("ok") => ok.push(i),
+            Some("error") => {
+                let why = reply["error"].as_str().unwrap();
+                assert!(why.contains(REFRESH_LIMITED), "{reply}");
+                assert!(!why.contains("invalid token"), "verified anyway: {reply}");
+                limited += 1;
+            }
+            _ => panic!("unexpected reply {reply}"),
+        }
+    }
+    assert_eq!(
+        (ok, limited),
+        (vec![0], 19),
+        "exactly the first is verified"
+    );
+    let m = server.metrics();
+    let refreshes = |r: &str| m.get(&format!("fanout_token_refreshes_total{{result=\"{r}\"}}"));
+    assert_eq!(
+        (
+            refreshes("accepted"),
+            refreshes("limited"),
+            refreshes("refused")
+        ),
+        (1.0, 19.0, 0.0)
+    );
+
+    // The limit is per connection: another connection of the same user refreshes at once.
+    let mut other = Ws::connect(
+        server.addr,
+        &format!("/ws?token={}", token(unix_now() + 600)),
+        Some("fanout.json"),
+    )
+    .unwrap();
+    other.send_text(&json!({"op":"refresh","token":token(unix_now() + 900),"id":"o"}).to_string());
+    assert_eq!(
+        other.next_json("other connection"),
+        json!({"op":"ok","id":"o"})
+    );
+
+    // And it is a rate, not a ban: once the interval has passed the first connection's next
+    // refresh is verified (tried until it is; only a give-up deadline, no bound on how soon).
+    let give_up = std::time::Instant::now() + PATIENCE;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        ws.send_text(
+            &json!({"op":"refresh","token":token(unix_now() + 1200),"id":"again"}).to_string(),
+        );
+        let reply = ws.next_json("a later refresh");
+        if reply == json!({"op":"ok","id":"again"}) {
+            break;
+        }
+        assert!(
+            reply["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains(REFRESH_LIMITED),
+            "{reply}"
+        );
+        assert!(std::time::Instant::now() < give_up, "never verified again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .get("fanout_token_refreshes_total{result=\"limited\"}"),
+        f64::from(19 + attempts - 1)
+    );
+    // The limited refreshes closed nothing.
+    ws.send_text(&json!({"op":"subscribe","channel":"still","id":"s"}).to_string());
+    assert_eq!(ws.next_json("still open"), json!({"op":"ok","id":"s"}));
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! - [`keys`]: the API keys and their constant-time check.
 //! - [`http`]: request heads and bodies with limits, JSON responses.
 //! - [`routes`]: the endpoints.
+//! - [`census`]: the other nodes' answers to a cluster-wide channel list, with Redis.
 //! - `openapi.json`: the OpenAPI 3.1 description, served at `/api/openapi.json`.
 //!
 //! Everything a caller can make it spend is bounded: [`MAX_CONNECTIONS`] connections (a few
@@ -19,6 +20,7 @@
 //! owed to it (more requests get 429). Each connection carries one request; every response says
 //! `Connection: close`.
 
+pub mod census;
 pub mod http;
 pub mod keys;
 pub mod options;
@@ -132,6 +134,8 @@ struct Conn {
     read_closed: bool,
     /// Accepted past [`MAX_CONNECTIONS`], only to be answered 503.
     refused: bool,
+    /// The route its path names, once the head is read (for `/metrics`).
+    route: Option<Route>,
 }
 
 struct Api {
@@ -200,6 +204,7 @@ impl Api {
             }
             self.check_deadlines();
             self.remove_done();
+            self.publish_gauges();
         }
     }
 
@@ -234,6 +239,7 @@ impl Api {
                         deadline: Instant::now() + DEADLINE,
                         read_closed: false,
                         refused,
+                        route: None,
                     });
                     self.next_serial += 1;
                     if refused {
@@ -312,16 +318,21 @@ impl Api {
             match http::parse_head(&conn.input) {
                 Ok(None) => return,
                 Err(response) => return self.respond(key, response),
-                Ok(Some(head)) => match routes::check(&head, &self.keys) {
-                    Err(response) => return self.respond(key, response),
-                    Ok(route) => {
-                        if head.expect_continue && conn.input.len() < head.len + head.content_length
-                        {
-                            conn.out.extend_from_slice(http::CONTINUE);
+                Ok(Some(head)) => {
+                    // Known before the checks, so a refusal is counted under its route too.
+                    conn.route = routes::route_of(&head.path);
+                    match routes::check(&head, &self.keys) {
+                        Err(response) => return self.respond(key, response),
+                        Ok(route) => {
+                            if head.expect_continue
+                                && conn.input.len() < head.len + head.content_length
+                            {
+                                conn.out.extend_from_slice(http::CONTINUE);
+                            }
+                            conn.phase = Phase::Body { head, route };
                         }
-                        conn.phase = Phase::Body { head, route };
                     }
-                },
+                }
             }
         }
         let Phase::Body { head, .. } = &conn.phase else {
@@ -332,6 +343,14 @@ impl Api {
             return;
         }
         let Phase::Body { head, route } = std::mem::replace(&mut conn.phase, Phase::Writing) else {
+            return;
+        };
+        let censuses = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.phase, Phase::Waiting(p) if p.is_census()))
+            .count();
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let body = conn
@@ -345,6 +364,8 @@ impl Api {
                 serial: conn.serial,
             },
             awaited: &mut self.awaited,
+            censuses,
+            now: Instant::now(),
         };
         match routes::handle(route, &head, body, &mut ctx) {
             Outcome::Respond(response) => self.respond(key, response),
@@ -362,6 +383,10 @@ impl Api {
         };
         if response.status >= 500 {
             log::debug!("api: answered {}", response.status);
+        }
+        if let Some(api) = &self.shared.api {
+            let route = conn.route.map_or("none", Route::label);
+            api.metrics.response(route, response.status);
         }
         conn.out.extend_from_slice(&response.bytes);
         conn.input = Vec::new();
@@ -413,14 +438,20 @@ impl Api {
         if let Some(api) = &self.shared.api {
             api.rearm();
         }
-        // Bounded: every answer was counted in `awaited` when its request was sent.
+        // Bounded: every answer was counted in `awaited` when its request was sent; census
+        // parts, which nobody here asked for one by one, by the mailbox's byte budget.
         while let Ok(reply) = self.inbox.try_recv() {
-            self.awaited = self.awaited.saturating_sub(1);
             let ticket = match &reply {
+                ApiReply::CensusPart(part) => {
+                    self.on_census_part(part);
+                    continue;
+                }
                 ApiReply::Published { ticket, .. }
                 | ApiReply::Disconnected { ticket, .. }
-                | ApiReply::Channels { ticket, .. } => *ticket,
+                | ApiReply::Channels { ticket, .. }
+                | ApiReply::CensusSent { ticket, .. } => *ticket,
             };
+            self.awaited = self.awaited.saturating_sub(1);
             let Some(conn) = self
                 .conns
                 .get_mut(ticket.conn)
@@ -438,11 +469,39 @@ impl Api {
         }
     }
 
+    /// A part of another node's answer to a census: to the request it names, if it still waits.
+    fn on_census_part(&mut self, payload: &bytes::Bytes) {
+        if let Some(api) = &self.shared.api {
+            api.census_part_taken(payload.len());
+        }
+        let part = match crate::broker::census::parse_part(payload) {
+            Ok(part) => part,
+            Err(why) => {
+                log::debug!("api: ignored a census part: {why}");
+                return;
+            }
+        };
+        // The request's id is its connection's serial (see `routes::channels`).
+        let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.serial == part.req) else {
+            return;
+        };
+        let Phase::Waiting(pending) = &mut conn.phase else {
+            return;
+        };
+        if let Some(response) = pending.on_part(part) {
+            self.respond(key, response);
+        }
+    }
+
     fn check_deadlines(&mut self) {
         let now = Instant::now();
         let mut late = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             match &conn.phase {
+                // The other nodes had their time: answer with what came (it says incomplete).
+                Phase::Waiting(pending) if pending.census_due(now) => {
+                    late.push((key, pending.response()))
+                }
                 Phase::Lingering { until } if now >= *until => conn.phase = Phase::Done,
                 Phase::Head | Phase::Body { .. } if now >= conn.deadline => {
                     late.push((key, http::error(408, "the request did not arrive in time")))
@@ -456,6 +515,19 @@ impl Api {
         }
         for (key, response) in late {
             self.respond(key, response);
+        }
+    }
+
+    /// What `/metrics` shows of the requests under way, as of the end of this turn.
+    fn publish_gauges(&self) {
+        if let Some(api) = &self.shared.api {
+            let waiting = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.phase, Phase::Waiting(_)))
+                .count();
+            api.metrics.waiting.set(waiting as u64);
+            api.metrics.awaited.set(self.awaited as u64);
         }
     }
 
@@ -495,6 +567,9 @@ impl Conn {
         match &self.phase {
             Phase::Lingering { until } => *until,
             Phase::Writing => self.deadline + LINGER,
+            Phase::Waiting(pending) => pending
+                .census_until()
+                .map_or(self.deadline, |until| until.min(self.deadline)),
             _ => self.deadline,
         }
     }

@@ -12,15 +12,18 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use super::census::{Gather, MAX_CENSUSES};
 use super::http::{self, Head, Response};
 use super::keys::ApiKeys;
 use crate::broker::bus::{ApiReply, Control, Request, Ticket};
+use crate::broker::census::{Part, ToHub};
 use crate::broker::redis::{Ack, AckTo, Refused};
 use crate::broker::{control, origin, Message};
 use crate::node::Shared;
@@ -62,6 +65,28 @@ const ROUTES: [(&str, Route, &str); 6] = [
     ("/api/info", Route::Info, "GET"),
     ("/api/openapi.json", Route::OpenApi, "GET"),
 ];
+
+impl Route {
+    /// Its label in `/metrics` (one of `metrics::API_ROUTES`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Publish => "publish",
+            Route::Broadcast => "broadcast",
+            Route::Disconnect => "disconnect",
+            Route::Channels => "channels",
+            Route::Info => "info",
+            Route::OpenApi => "openapi",
+        }
+    }
+}
+
+/// The route a path names, whatever the method or key (for counting the answer).
+pub fn route_of(path: &str) -> Option<Route> {
+    ROUTES
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|&(_, route, _)| route)
+}
 
 /// What a request may be told before its body is read: 404, 405, 401 or 415; else its route.
 pub fn check(head: &Head, keys: &ApiKeys) -> Result<Route, Response> {
@@ -130,6 +155,8 @@ enum Kind {
     Channels {
         merged: BTreeMap<Bytes, usize>,
         truncated: bool,
+        /// With Redis: the other nodes' answers (`None` standalone, where this node is all).
+        census: Option<Gather>,
     },
 }
 
@@ -138,6 +165,9 @@ pub struct Ctx<'a> {
     pub shared: &'a Shared,
     pub ticket: Ticket,
     pub awaited: &'a mut usize,
+    /// Cluster-wide channel lists under way (see [`MAX_CENSUSES`]).
+    pub censuses: usize,
+    pub now: Instant,
 }
 
 impl Ctx<'_> {
@@ -395,7 +425,9 @@ fn disconnect(ctx: &mut Ctx, user: Arc<str>) -> Result<Outcome, Response> {
     Ok(pending.settled_or_wait())
 }
 
-/// Lists this node's channels with their local subscribers, summed over its reactors.
+/// Lists the channels with their subscribers: this node's, summed over its reactors, and with
+/// Redis every other node's too, through a census over the control channel (see
+/// [`crate::broker::census`]).
 fn channels(ctx: &mut Ctx, query: &str) -> Result<Outcome, Response> {
     let prefix = crate::http::query_param(query, "prefix").unwrap_or_default();
     // Counted in characters, as the schema's maxLength is; a prefix no channel can have
@@ -411,12 +443,22 @@ fn channels(ctx: &mut Ctx, query: &str) -> Result<Outcome, Response> {
         ));
     }
     let shared = ctx.shared;
-    ctx.room_for(shared.reactors.len())?;
+    let redis = shared.config.uses_redis();
+    if redis && ctx.censuses >= MAX_CENSUSES {
+        return Err(http::error(
+            429,
+            &format!(
+                "{MAX_CENSUSES} cluster-wide channel lists are under way on this node already; retry shortly"
+            ),
+        ));
+    }
+    ctx.room_for(shared.reactors.len() + usize::from(redis))?;
     let prefix: Arc<str> = prefix.into();
     let mut pending = Pending {
         kind: Kind::Channels {
             merged: BTreeMap::new(),
             truncated: false,
+            census: redis.then(|| Gather::new(ctx.now)),
         },
         left: 0,
         failure: None,
@@ -436,6 +478,30 @@ fn channels(ctx: &mut Ctx, query: &str) -> Result<Outcome, Response> {
         }
     }
     *ctx.awaited += pending.left;
+    if redis && pending.failure.is_none() {
+        // The request names this API request by its serial, unique on this node: the other
+        // nodes' parts carry it back.
+        let request = Request::Census(ToHub::Ask {
+            ticket: ctx.ticket,
+            payload: control::ask_channels(&shared.node_id, ctx.ticket.serial, &prefix),
+        });
+        let sent = shared
+            .reactors
+            .first()
+            .is_some_and(|hub| hub.mailbox.request(request).is_ok());
+        if sent {
+            // Owed to the thread, but not to this request's `left`: the answer goes out at
+            // the census deadline with or without Redis' count.
+            *ctx.awaited += 1;
+        } else if let Kind::Channels {
+            census: Some(g), ..
+        } = &mut pending.kind
+        {
+            g.sent(Err(
+                "the node's queue to Redis is full; the other nodes were not asked".into(),
+            ));
+        }
+    }
     Ok(pending.settled_or_wait())
 }
 
@@ -449,6 +515,22 @@ fn info(shared: &Shared) -> Response {
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "ready": shared.readiness().is_ok(),
     }))
+}
+
+/// Adds one reactor's (or node's) counts to a channel list, keeping it to [`MAX_LISTED`]
+/// names (the first by name) so the merge stays bounded.
+fn merge(merged: &mut BTreeMap<Bytes, usize>, truncated: &mut bool, channels: Vec<(Bytes, usize)>) {
+    // A count of 0 (only another Redis client could send one) would list a channel nobody is in.
+    for (name, n) in channels.into_iter().filter(|(_, n)| *n > 0) {
+        let count = merged.entry(name).or_default();
+        *count = count.saturating_add(n);
+    }
+    if merged.len() > MAX_LISTED {
+        while merged.len() > MAX_LISTED {
+            merged.pop_last();
+        }
+        *truncated = true;
+    }
 }
 
 /// The status a failed acknowledgement of Redis gets: 429 for a full queue, 503 otherwise.
@@ -467,15 +549,82 @@ impl Pending {
 
     /// Answers now if nothing is awaited (everything was refused at once), else waits.
     fn settled_or_wait(self) -> Outcome {
-        if self.left == 0 {
+        if self.settled() {
             Outcome::Respond(self.response())
         } else {
             Outcome::Wait(self)
         }
     }
 
+    /// Nothing more to wait for: every answer of this node came, and with a census, every
+    /// other node's (or the request failed here already).
+    fn settled(&self) -> bool {
+        match &self.kind {
+            _ if self.failure.is_some() && self.left == 0 => true,
+            Kind::Channels {
+                census: Some(g), ..
+            } => self.left == 0 && g.settled(),
+            _ => self.left == 0,
+        }
+    }
+
+    /// Whether this request is a cluster-wide channel list (counted against [`MAX_CENSUSES`]).
+    pub fn is_census(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Channels {
+                census: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// When a census stops waiting for the other nodes and answers with what it has.
+    pub fn census_until(&self) -> Option<Instant> {
+        match &self.kind {
+            Kind::Channels {
+                census: Some(g), ..
+            } => Some(g.until),
+            _ => None,
+        }
+    }
+
+    /// A census whose wait is over (this node's own answers all in): answer now, incomplete.
+    pub fn census_due(&self, now: Instant) -> bool {
+        self.left == 0 && self.census_until().is_some_and(|until| now >= until)
+    }
+
+    /// One part of another node's answer to this census; the response once nothing more is
+    /// awaited.
+    pub fn on_part(&mut self, part: Part) -> Option<Response> {
+        let Kind::Channels {
+            merged,
+            truncated,
+            census: Some(g),
+        } = &mut self.kind
+        else {
+            return None;
+        };
+        if !g.take(&part) {
+            return None;
+        }
+        *truncated |= part.truncated;
+        merge(merged, truncated, part.channels);
+        self.settled().then(|| self.response())
+    }
+
     /// Takes one answer; returns the response once the last has come.
     pub fn on_reply(&mut self, reply: ApiReply) -> Option<Response> {
+        if let ApiReply::CensusSent { result, .. } = reply {
+            // Not one of `left`: the census deadline answers without it if need be.
+            if let Kind::Channels {
+                census: Some(g), ..
+            } = &mut self.kind
+            {
+                g.sent(result);
+            }
+            return self.settled().then(|| self.response());
+        }
         self.left = self.left.saturating_sub(1);
         match (reply, &mut self.kind) {
             (ApiReply::Published { result, .. }, kind) => match result {
@@ -498,24 +647,17 @@ impl Pending {
                     truncated: more,
                     ..
                 },
-                Kind::Channels { merged, truncated },
+                Kind::Channels {
+                    merged, truncated, ..
+                },
             ) => {
                 *truncated |= more;
-                for (name, n) in channels {
-                    *merged.entry(name).or_default() += n;
-                }
-                if merged.len() > MAX_LISTED {
-                    // Keep the first names only, so the merge stays bounded.
-                    while merged.len() > MAX_LISTED {
-                        merged.pop_last();
-                    }
-                    *truncated = true;
-                }
+                merge(merged, truncated, channels);
             }
             // An answer of another kind cannot be for this request; it is only counted.
             _ => {}
         }
-        (self.left == 0).then(|| self.response())
+        self.settled().then(|| self.response())
     }
 
     /// The answer once nothing more is awaited; a request that waited past its deadline gets
@@ -552,12 +694,32 @@ impl Pending {
             ),
             (Kind::Disconnect { closed }, None) => ok(json!({"ok": true, "closed": closed})),
             (Kind::Channels { .. }, Some((status, why))) => http::error(*status, why),
-            (Kind::Channels { merged, truncated }, None) => {
+            (
+                Kind::Channels {
+                    merged,
+                    truncated,
+                    census,
+                },
+                None,
+            ) => {
                 let list: Vec<Value> = merged
                     .iter()
                     .map(|(name, n)| json!({"name": String::from_utf8_lossy(name), "subscribers": n}))
                     .collect();
-                ok(json!({"channels": list, "truncated": truncated}))
+                // Standalone this node is the whole cluster.
+                let (complete, nodes, expected) =
+                    census.as_ref().map_or((true, 1, Some(1)), Gather::summary);
+                let mut body = json!({
+                    "channels": list,
+                    "truncated": truncated,
+                    "complete": complete,
+                    "nodes": nodes,
+                    "nodes_expected": expected,
+                });
+                if let Some(why) = census.as_ref().and_then(Gather::failure) {
+                    body["reason"] = Value::from(why);
+                }
+                ok(body)
             }
         }
     }

@@ -23,7 +23,9 @@
 //! The server API's thread (`--api-listen`, [`crate::api`]) has an [`ApiMailbox`] of its own:
 //! publish acknowledgements from the Redis reactor and the reactors' answers to its controls.
 //! It is bounded the way `replies` is: the API thread never has more than a fixed number of
-//! answers outstanding.
+//! answers outstanding. The one exception, the parts of other nodes' answers to a cluster-wide
+//! channel list ([`super::census`]), which anyone on the Redis could send, is bounded by bytes
+//! ([`ApiMailbox::census_part`]).
 //!
 //! Wakeups are coalesced: a sender only writes the eventfd when the flag says the reactor has not
 //! been woken since it last drained its queues, so a burst of messages costs one syscall.
@@ -111,6 +113,8 @@ pub enum Request {
     /// Read a channel's history; answered with a [`Delivery::Read`] in the asking reactor's
     /// message queue (or, when that is full, [`Reply::ReadFailed`]).
     Read(Box<ReadFor>),
+    /// Send what a channel census needs sent (see [`census`](super::census)).
+    Census(super::census::ToHub),
     /// A `presence` or `presence_stats` command (`reactor::presence`); answered with
     /// [`Reply::Presence`].
     Presence(Box<super::presence::Ask>),
@@ -156,6 +160,9 @@ pub enum Control {
         limit: usize,
         reply: Ticket,
     },
+    /// Another node asked for every node's channels: publish this reactor's part to it
+    /// ([`census`](super::census)). Nobody on this node waits for it.
+    Census(Arc<super::control::ChannelsAsk>),
 }
 
 /// One request of the server API: its connection's slab key and serial on the API thread.
@@ -181,6 +188,17 @@ pub enum ApiReply {
         channels: Vec<(Bytes, usize)>,
         truncated: bool,
     },
+    /// A census request was published on the control channel: how many subscribers Redis gave
+    /// it to (the asking node included), or why it was not.
+    CensusSent {
+        ticket: Ticket,
+        result: Result<u64, String>,
+    },
+    /// A part another node sent to this node's reply channel, as it came from Redis. Not an
+    /// answer the API thread counted as owed: bounded instead by
+    /// [`ApiMailbox::census_part`]'s byte budget, and taken back with
+    /// [`ApiMailbox::census_part_taken`].
+    CensusPart(Bytes),
 }
 
 /// The sending side of the server API's queue, shared with every reactor.
@@ -188,6 +206,10 @@ pub struct ApiMailbox {
     replies: Sender<ApiReply>,
     waker: Waker,
     woken: AtomicBool,
+    /// Bytes of [`ApiReply::CensusPart`]s queued and not yet taken.
+    census_bytes: AtomicUsize,
+    /// The API thread's counters, here because this is the API's part of the node's state.
+    pub metrics: crate::metrics::ApiMetrics,
 }
 
 impl ApiMailbox {
@@ -197,6 +219,8 @@ impl ApiMailbox {
             replies,
             waker,
             woken: AtomicBool::new(false),
+            census_bytes: AtomicUsize::new(0),
+            metrics: Default::default(),
         };
         (mailbox, inbox)
     }
@@ -214,6 +238,26 @@ impl ApiMailbox {
     /// Called by the API thread before it drains its queue, so later answers wake it again.
     pub fn rearm(&self) {
         self.woken.store(false, Ordering::Release);
+    }
+
+    /// Queues a census part from Redis unless [`census::QUEUED_PART_BYTES`] of them already
+    /// wait; `false` when it was dropped.
+    ///
+    /// [`census::QUEUED_PART_BYTES`]: super::census::QUEUED_PART_BYTES
+    pub fn census_part(&self, part: Bytes) -> bool {
+        let len = part.len();
+        let before = self.census_bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > super::census::QUEUED_PART_BYTES {
+            self.census_bytes.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        self.reply(ApiReply::CensusPart(part));
+        true
+    }
+
+    /// Called by the API thread for every census part it takes, with its length.
+    pub fn census_part_taken(&self, len: usize) {
+        self.census_bytes.fetch_sub(len, Ordering::AcqRel);
     }
 }
 

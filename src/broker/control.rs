@@ -1,5 +1,6 @@
 //! Messages between the nodes themselves, through Redis: what one node's server API asks every
-//! other node to do (today: close a user's connections).
+//! other node to do (close a user's connections; report its channels for a cluster-wide
+//! `GET /api/channels`, answered as [`census`](super::census) describes).
 //!
 //! They travel on one reserved channel, `--redis-prefix` + [`CHANNEL`], which every node's Redis
 //! reactor subscribes to as soon as its link is up (with `--redis-cluster`, on the shard that
@@ -7,9 +8,11 @@
 //! (see [`crate::protocol::validate_channel`]), so no client can subscribe or publish to it.
 //! Anyone who can PUBLISH on the Redis can, as with every channel there.
 //!
-//! Wire form: one JSON object, `{"op":"disconnect","user":"42","node":"<id of the sender>"}`.
-//! The sender closes its own connections directly and skips its own message when Redis echoes
-//! it back; an `op` this version does not know is ignored, so newer nodes can add some.
+//! Wire form: one JSON object, `{"op":"disconnect","user":"42","node":"<id of the sender>"}` or
+//! `{"op":"channels","node":"<id of the sender>","req":7,"prefix":"room:"}`. The sender acts on
+//! its own node directly and skips its own message when Redis echoes it back; an `op` this
+//! version does not know is ignored, so newer nodes can add some (and an older node asked for
+//! its channels does not answer: the asker's answer then says it is incomplete).
 
 use std::borrow::Cow;
 
@@ -27,6 +30,19 @@ pub const MAX_LEN: usize = 4096;
 pub enum Command {
     /// Close every WebSocket of `user` (token `sub`) with 4002.
     Disconnect { user: String },
+    /// Report this node's channels whose names start with `prefix` to node `node`, naming
+    /// its request `req` (see [`census`](super::census)).
+    Channels(ChannelsAsk),
+}
+
+/// A node's request for every other node's channel counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelsAsk {
+    /// The asking node's id: the answers go to its reply channel.
+    pub node: String,
+    /// The asker's name for the request, echoed in every answer.
+    pub req: u64,
+    pub prefix: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -37,6 +53,10 @@ struct Wire<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow)]
     node: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    req: Option<u64>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<Cow<'a, str>>,
 }
 
 /// The message asking every node to close `user`'s connections, sent by node `node`.
@@ -45,6 +65,22 @@ pub fn disconnect(user: &str, node: &str) -> Bytes {
         op: "disconnect".into(),
         user: Some(user.into()),
         node: Some(node.into()),
+        req: None,
+        prefix: None,
+    };
+    Bytes::from(serde_json::to_vec(&wire).expect("serializing strings cannot fail"))
+}
+
+/// The message asking every other node for its channels under `prefix`, sent by node `node`
+/// as its request `req`. A prefix is at most a channel name long (128 characters, at most 6
+/// bytes each once escaped), so this stays under [`MAX_LEN`].
+pub fn ask_channels(node: &str, req: u64, prefix: &str) -> Bytes {
+    let wire = Wire {
+        op: "channels".into(),
+        user: None,
+        node: Some(node.into()),
+        req: Some(req),
+        prefix: Some(prefix.into()),
     };
     Bytes::from(serde_json::to_vec(&wire).expect("serializing strings cannot fail"))
 }
@@ -65,6 +101,21 @@ pub fn parse(payload: &[u8], me: &str) -> Result<Option<Command>, String> {
                 user: user.into_owned(),
             })),
             _ => Err("disconnect without a user".into()),
+        },
+        "channels" => match (wire.node, wire.req) {
+            (Some(node), Some(req)) if super::census::valid_node(&node) => {
+                let prefix = wire.prefix.unwrap_or_default();
+                // Counted in characters, as the API counts it.
+                if prefix.chars().count() > crate::protocol::MAX_CHANNEL_LEN {
+                    return Err("channels: a prefix longer than a channel name".into());
+                }
+                Ok(Some(Command::Channels(ChannelsAsk {
+                    node: node.into_owned(),
+                    req,
+                    prefix: prefix.into_owned(),
+                })))
+            }
+            _ => Err("channels without a valid node or req".into()),
         },
         _ => Ok(None),
     }
@@ -88,6 +139,39 @@ mod tests {
         assert!(parse(b"hello", "a").is_err());
         assert!(parse(br#"{"op":"disconnect","node":"x"}"#, "a").is_err());
         assert!(parse(&vec![b' '; MAX_LEN + 1], "a").is_err());
+    }
+
+    #[test]
+    fn a_channels_request_round_trips() {
+        let long = "p".repeat(crate::protocol::MAX_CHANNEL_LEN);
+        let msg = ask_channels("abcdef0123456789", 7, &long);
+        let worst = ask_channels("abcdef0123456789", u64::MAX, &"\u{1}".repeat(128));
+        assert!(worst.len() <= MAX_LEN, "{}", worst.len());
+        assert_eq!(
+            parse(&msg, "other"),
+            Ok(Some(Command::Channels(ChannelsAsk {
+                node: "abcdef0123456789".into(),
+                req: 7,
+                prefix: long.clone()
+            })))
+        );
+        assert_eq!(parse(&msg, "abcdef0123456789"), Ok(None));
+        assert!(
+            parse(br#"{"op":"channels","node":"a"}"#, "b").is_err(),
+            "no req"
+        );
+        assert!(parse(br#"{"op":"channels","node":"a/b","req":1}"#, "b").is_err());
+        let too_long = ask_channels("a", 1, &format!("{long}p"));
+        assert!(parse(&too_long, "b").is_err());
+        // Without a prefix: every channel.
+        assert_eq!(
+            parse(br#"{"op":"channels","node":"a","req":1}"#, "b"),
+            Ok(Some(Command::Channels(ChannelsAsk {
+                node: "a".into(),
+                req: 1,
+                prefix: String::new()
+            })))
+        );
     }
 
     #[test]

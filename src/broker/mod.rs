@@ -2,13 +2,14 @@
 //! of one node ([`bus`]), and what joins nodes: one Redis ([`redis`], over plain TCP or TLS:
 //! [`tls`]) or a Redis Cluster ([`cluster`], [`slots`]), behind one interface ([`upstream`]),
 //! with the publisher's identity carried along ([`origin`]) and the nodes' own messages on it
-//! ([`control`]).
+//! ([`control`], and the channel census that answers a cluster-wide channel list: [`census`]).
 //!
 //! A [`Message`] is framed once, when it enters a reactor, into the exact bytes a raw-mode
 //! subscriber receives; every local subscriber gets a clone of that one `Bytes` (a reference-count
 //! increment), never a copy.
 
 pub mod bus;
+pub mod census;
 pub mod channels;
 pub mod cluster;
 pub mod control;

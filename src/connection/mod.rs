@@ -187,10 +187,20 @@ struct TextCheck {
     checked: u32,
 }
 
-/// Token bucket for `--max-message-rate`: refilled continuously, bursts up to the rate.
+/// Least time between two `refresh` tokens verified on one connection; a refresh sooner is
+/// answered with an error naming this limit, without verifying its token.
+pub const REFRESH_INTERVAL_MS: u32 = 1000;
+
+/// Token bucket for `--max-message-rate`: refilled continuously, bursts up to the rate. It
+/// also holds the connection's other rate, the `refresh` limit, in what was its padding.
 #[derive(Debug, Default)]
 struct RateBucket {
     tokens: f32,
+    /// When this connection last had a `refresh` token verified: the low 32 bits of the
+    /// reactor millisecond (0: never). Here and 32 bits wide because that fills the 4 bytes of
+    /// padding after `tokens`: the connection does not grow (a field of its own made it 8 bytes
+    /// larger). See [`Connection::take_refresh`] for the wrap.
+    refresh_ms: u32,
     last_ms: u64,
 }
 
@@ -335,6 +345,24 @@ impl Connection {
 
     pub fn identity(&self) -> Option<&Arc<Identity>> {
         self.identity.as_ref()
+    }
+
+    /// Takes the connection's one token verification per [`REFRESH_INTERVAL_MS`]: `false` when
+    /// the last one was less than that ago. Verifying a JWT costs 2-76 µs of the reactor's CPU
+    /// (HS256 to RS256), so a client sending refreshes in a loop must not get one each.
+    ///
+    /// The time kept wraps every 2^32 ms (49.7 days): a refresh that comes a whole number of
+    /// wraps (within a second) after the previous one is refused once, with the limit named, and
+    /// the client's next try a second later succeeds. That is the price of 4 bytes instead of 8.
+    pub fn take_refresh(&mut self, now_ms: u64) -> bool {
+        // Truncation intended: only differences under a second matter.
+        let now = (now_ms as u32).max(1);
+        let last = self.rate.refresh_ms;
+        if last != 0 && now.wrapping_sub(last) < REFRESH_INTERVAL_MS {
+            return false;
+        }
+        self.rate.refresh_ms = now;
+        true
     }
 
     /// Queues a frame for an open WebSocket within `max_queue`. On overflow nothing is queued and
@@ -626,6 +654,35 @@ mod tests {
             rest,
             &encode(OpCode::Close, &close_payload(1008, "slow consumer"))[..],
             "the close frame follows the whole frame; the queued one is gone"
+        );
+    }
+
+    #[test]
+    fn one_refresh_per_interval_and_the_clock_may_wrap() {
+        let (mut conn, _peer) = pair();
+        assert!(conn.take_refresh(5));
+        assert!(!conn.take_refresh(5), "same millisecond");
+        assert!(!conn.take_refresh(5 + u64::from(REFRESH_INTERVAL_MS) - 1));
+        assert!(conn.take_refresh(5 + u64::from(REFRESH_INTERVAL_MS)));
+        // Across the 32-bit wrap the difference is still right.
+        let before_wrap = u64::from(u32::MAX) - 10;
+        assert!(conn.take_refresh(before_wrap));
+        assert!(
+            !conn.take_refresh(before_wrap + 20),
+            "20 ms later, past the wrap"
+        );
+        assert!(conn.take_refresh(before_wrap + u64::from(REFRESH_INTERVAL_MS)));
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn refresh_time_fits_the_padding() {
+        // PERF.md's 434 B per idle connection was measured at this size: the refresh time took
+        // padding, not new bytes. A field that grows it needs a new measurement there.
+        assert!(
+            std::mem::size_of::<Connection>() <= 216,
+            "{}",
+            std::mem::size_of::<Connection>()
         );
     }
 

@@ -1,7 +1,8 @@
 //! What the server API (`--api-listen`, [`crate::api`]) asks of a reactor through its control
 //! queue: close every connection of one user, and list the channels with local subscribers.
 //! A disconnect can also come from another node, through Redis (`broker::control`); then
-//! nobody waits for the answer.
+//! nobody waits for the answer. So can a census (`broker::census`): each reactor sends its
+//! own part of the answer (`reactor::census`).
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ impl Reactor {
                 limit,
                 reply,
             } => self.list_channels(&prefix, limit, reply),
+            Control::Census(ask) => self.census_part(&ask),
         }
     }
 

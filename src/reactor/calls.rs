@@ -24,6 +24,8 @@ pub(super) enum Call {
     Append { ack: Option<Ack> },
     /// The read script, for a client.
     Read { to: Box<ReadFor>, range: Range },
+    /// The publish of a census request, for the server API (see `reactor::census`).
+    Census { ticket: crate::broker::bus::Ticket },
     // Presence (reactor::presence):
     /// A join or leave script.
     PresenceChange { channel: Bytes, join: bool },
@@ -64,6 +66,7 @@ impl Reactor {
         match call {
             Call::Append { ack } => self.on_append_reply(ack, result),
             Call::Read { to, range } => self.on_read_reply(*to, range, result),
+            Call::Census { ticket } => self.on_census_sent(ticket, result),
             Call::PresenceChange { channel, join } => {
                 self.on_presence_change_reply(channel, join, result)
             }

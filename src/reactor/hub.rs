@@ -78,35 +78,47 @@ pub(super) struct Hub {
     words: usize,
     /// Commands sent with a tag, awaiting their replies.
     pub(super) calls: super::calls::Calls,
+    /// Channels the node keeps subscribed for itself (the control channel, the census reply
+    /// channel), not for clients.
+    own: usize,
+    pub(super) census: super::census::CensusState,
 }
 
 impl Hub {
-    /// The table starts with the nodes' control channel ([`control::CHANNEL`]), which no
-    /// reactor ever subscribes to and which stays for good: it is subscribed whenever the link
-    /// comes up, like every channel in the table.
-    pub(super) fn new(reactors: usize) -> Hub {
+    /// The table starts with the nodes' control channel ([`control::CHANNEL`]) and, on a node
+    /// with the server API, its census reply channel (`reply`): no reactor ever subscribes to
+    /// them and they stay for good, subscribed whenever the link comes up, like every channel
+    /// in the table.
+    pub(super) fn new(reactors: usize, reply: Option<Bytes>) -> Hub {
         let words = reactors.div_ceil(64);
-        let mut channels = HashMap::new();
-        channels.insert(
-            Bytes::from_static(control::CHANNEL),
-            NodeChannel {
-                reactors: vec![0; words],
-                interested: 0,
-                state: NodeState::Pending,
-                waiting: Vec::new(),
-            },
-        );
+        let own: Vec<Bytes> = std::iter::once(Bytes::from_static(control::CHANNEL))
+            .chain(reply.clone())
+            .collect();
+        let channels: HashMap<Bytes, NodeChannel> = own
+            .iter()
+            .map(|name| {
+                let entry = NodeChannel {
+                    reactors: vec![0; words],
+                    interested: 0,
+                    state: NodeState::Pending,
+                    waiting: Vec::new(),
+                };
+                (name.clone(), entry)
+            })
+            .collect();
         Hub {
             channels,
             in_flight: HashMap::new(),
             words,
             calls: Default::default(),
+            own: own.len(),
+            census: super::census::CensusState::new(reply),
         }
     }
 
-    /// Channels subscribed for clients (the control channel is not one).
+    /// Channels subscribed for clients (the node's own are not).
     fn client_channels(&self) -> u64 {
-        self.channels.len().saturating_sub(1) as u64
+        self.channels.len().saturating_sub(self.own) as u64
     }
 }
 
@@ -150,6 +162,7 @@ impl Reactor {
                     }
                 }
             }
+            Ok(Some(control::Command::Channels(ask))) => self.on_census_asked(ask),
             Err(why) => log::warn!("ignored a message on the control channel: {why}"),
         }
     }
@@ -168,6 +181,7 @@ impl Reactor {
                 subscribe: false,
             } => self.hub_unsubscribe(reactor, channel),
             Request::Read(to) => self.hub_read(to),
+            Request::Census(request) => self.on_census_request(request),
             Request::Presence(ask) => self.hub_presence(ask),
             Request::Publish {
                 channel,
@@ -423,6 +437,9 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } if channel == control::CHANNEL => {
                     self.on_control_message(&payload)
+                }
+                RedisEvent::Message { channel, payload } if self.is_census_reply(&channel) => {
+                    self.on_census_part(payload)
                 }
                 RedisEvent::Message { channel, payload }
                     if payload.starts_with(crate::broker::presence::EVENT_MAGIC) =>

@@ -12,6 +12,7 @@
 
 mod admin;
 mod calls;
+mod census;
 mod conns;
 mod history;
 mod hub;
@@ -130,17 +131,17 @@ impl Reactor {
             ))),
             (None, true) => None,
         };
-        let hub = redis.as_ref().map(|_| hub::Hub::new(config.threads));
+        let reply = census::reply_channel(&shared);
+        let hub = redis
+            .as_ref()
+            .map(|_| hub::Hub::new(config.threads, reply.clone()));
         if let Some(redis) = &mut redis {
-            // The nodes' control channel is wanted from the start: a single link subscribes it
-            // with the rest of the table when it comes up, a cluster as soon as its shard is known.
+            // The nodes' control channel (and this node's census reply channel) are wanted from
+            // the start: a single link subscribes them with the rest of the table when it comes
+            // up, a cluster as soon as their shards are known.
             let control = bytes::Bytes::from_static(crate::broker::control::CHANNEL);
-            redis.set_interest(
-                true,
-                std::iter::once(&control),
-                poll.registry(),
-                Instant::now(),
-            );
+            let own: Vec<bytes::Bytes> = std::iter::once(control).chain(reply).collect();
+            redis.set_interest(true, own.iter(), poll.registry(), Instant::now());
         }
         let limits = Limits {
             max_message: config.max_message,

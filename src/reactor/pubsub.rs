@@ -27,7 +27,7 @@ use crate::broker::bus::{Delivery, Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED
 use crate::broker::channels::{Subscriber, Subscription};
 use crate::broker::redis::{Ack, AckTo};
 use crate::broker::{self, Compression, Message};
-use crate::connection::{Action, Close};
+use crate::connection::{Action, Close, REFRESH_INTERVAL_MS};
 use crate::metrics::CloseReason;
 use crate::protocol;
 use crate::ws::CloseCode;
@@ -162,31 +162,48 @@ impl Reactor {
     }
 
     /// `{"op":"refresh"}`: a newer token for the same user replaces the connection's, and with
-    /// it the time the connection is closed 4001.
+    /// it the time the connection is closed 4001. At most one token per connection is verified
+    /// per [`REFRESH_INTERVAL_MS`]: the check comes before the signature, which is the cost.
     fn refresh(&mut self, key: usize, token: &str) -> Result<(), String> {
         let verifier = self.shared.config.auth.clone();
+        let now_ms = self.clock.now_ms;
+        let refreshes = &self.metrics.followups.refreshes;
         if !verifier.has_keys() {
+            refreshes.refused.inc();
             return Err("refresh refused: this server has no token keys".into());
         }
-        let identity = verifier
-            .verify(token)
-            .map_err(|why| format!("refresh refused: invalid token: {why}"))?;
         let Some(conn) = self.conns.open(key) else {
             return Ok(());
         };
-        match conn.identity() {
-            Some(current) if current.user != identity.user => {
-                return Err(format!(
-                    "refresh refused: the token is for user {:?}, this connection is {:?}",
-                    identity.user, current.user
-                ))
-            }
-            // An anonymous connection cannot become a user: per-user limits were counted at connect.
-            None => return Err("refresh refused: this connection connected without a token".into()),
-            Some(_) => {}
+        if conn.identity().is_none() {
+            // An anonymous connection cannot become a user: per-user limits were counted at
+            // connect. Known before verifying, so it costs no signature check.
+            refreshes.refused.inc();
+            return Err("refresh refused: this connection connected without a token".into());
         }
-        let deadline = super::routes::token_deadline(Some(&identity), self.clock.now_ms);
+        if !conn.take_refresh(now_ms) {
+            refreshes.limited.inc();
+            return Err(format!(
+                "refresh refused: limit reached: at most one refresh per {REFRESH_INTERVAL_MS} ms per connection (the token was not checked; send it again later)"
+            ));
+        }
+        let identity = match verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(why) => {
+                refreshes.refused.inc();
+                return Err(format!("refresh refused: invalid token: {why}"));
+            }
+        };
+        if let Some(current) = conn.identity().filter(|c| c.user != identity.user) {
+            refreshes.refused.inc();
+            return Err(format!(
+                "refresh refused: the token is for user {:?}, this connection is {:?}",
+                identity.user, current.user
+            ));
+        }
+        let deadline = super::routes::token_deadline(Some(&identity), now_ms);
         conn.set_identity(Some(std::sync::Arc::new(identity)), deadline);
+        refreshes.accepted.inc();
         Ok(())
     }
 
