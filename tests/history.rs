@@ -490,3 +490,40 @@ fn history_on_a_redis_cluster_for_channels_on_every_shard() {
     }
     assert_eq!(masters.len(), 3, "channels on every master: {masters:?}");
 }
+
+#[test]
+fn a_catch_all_namespace_with_history_leaves_the_nodes_own_messages_alone() {
+    // The nodes' control channel (a disconnect from the server API) is a plain PUBLISH even
+    // when `*` keeps history: another node must still understand it.
+    let redis = Redis::start();
+    let config = ConfigFile::new(
+        "catch_all",
+        "[[namespace]]\nname = \"*\"\nhistory_size = 10\nhistory_ttl = 60\n",
+    );
+    let url = redis.url();
+    let node = |api: bool| {
+        let mut args = vec!["--threads", "2", "--config", config.path(), "--redis", &url];
+        args.extend(["--token-hmac-secret", SECRET]);
+        if api {
+            args.extend_from_slice(&API_ARGS);
+        }
+        let server = Server::start(&args);
+        assert!(wait_status(server.addr, "/readyz", 200, 20 * SEC).is_some());
+        server
+    };
+    let (a, b) = (node(true), node(false));
+    let token = hs256(&json!({"sub": "42", "exp": unix_now() + 600}));
+    let mut user = Ws::connect(b.addr, &format!("/ws?token={token}"), Some("fanout.json")).unwrap();
+    let ok = subscribe(&mut user, "room", None);
+    assert!(
+        ok["epoch"].is_string(),
+        "history applies to client channels: {ok}"
+    );
+    let api = ApiClient::of(&a);
+    let answer = api.post("/api/disconnect", &json!({"user":"42"}));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        user.recv_close(20 * SEC).expect("closed by the other node"),
+        (4002, "disconnected by the server".to_string())
+    );
+}

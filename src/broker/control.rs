@@ -22,6 +22,15 @@ use serde::{Deserialize, Serialize};
 /// The reserved channel name (before `--redis-prefix`).
 pub const CHANNEL: &[u8] = b"__fanout/control";
 
+/// How the nodes' own channels start (this one, the census replies): no client channel can,
+/// since client names have no `/`, and no namespace applies to them (no history, no presence).
+pub const RESERVED_PREFIX: &[u8] = b"__fanout/";
+
+/// Whether `channel` is one of the nodes' own.
+pub fn is_reserved(channel: &[u8]) -> bool {
+    channel.starts_with(RESERVED_PREFIX)
+}
+
 /// Largest control message acted on; anything longer is not one of ours.
 pub const MAX_LEN: usize = 4096;
 

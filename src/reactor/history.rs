@@ -46,6 +46,10 @@ pub(super) struct Keep {
 impl Reactor {
     /// What `channel`'s namespace keeps, when it keeps history.
     pub(super) fn history_of(&self, channel: &[u8]) -> Option<Keep> {
+        if crate::broker::control::is_reserved(channel) {
+            // The nodes' own messages are plain PUBLISHes, whatever a catch-all namespace says.
+            return None;
+        }
         let name = std::str::from_utf8(channel).ok()?;
         let ns = self.shared.config.namespace_for(name);
         (ns.history_size > 0).then_some(Keep {
