@@ -1,12 +1,15 @@
-// End-to-end test of the chat page at / in real headless Chromium: one redis-server and two
-// fanout nodes sharing it, page A on node 1 and page B on node 2. Every process started here is
-// stopped by PID, also on failure, on SIGINT/SIGTERM and when the watchdog fires.
+// End-to-end test of the chat page at / and of the browser client it is built on (/fanout.js),
+// in real headless Chromium: one redis-server and two fanout nodes sharing it, page A on node 1
+// and page B on node 2, both with a configuration file that gives every channel history and
+// presence (but `plain:*`); a third, standalone node for what Redis would hide (an epoch lost
+// with the node, a node with no configuration at all). Every process started here is stopped
+// by PID, also on failure, on SIGINT/SIGTERM and when the watchdog fires.
 //
 // Screenshots (laptop and phone size, both pages) go to target/browser/ (or $BROWSER_ARTIFACTS);
 // with UPDATE_SCREENSHOTS=1 the README's screenshots in tests/browser/screenshots/ are rewritten.
 import { execFile, spawn } from "node:child_process";
 import { createHash, createHmac } from "node:crypto";
-import { closeSync, copyFileSync, mkdirSync, openSync, readFileSync } from "node:fs";
+import { closeSync, copyFileSync, mkdirSync, openSync, writeFileSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -98,9 +101,37 @@ function mintToken(claims) {
   return `${body}.${createHmac("sha256", TOKEN_SECRET).update(body).digest("base64url")}`;
 }
 
-function startNode(name, listen, redisPort) {
-  const child = start(name, FANOUT, ["--listen", listen, "--threads", "2", "--redis", `redis://127.0.0.1:${redisPort}`,
-    // Tokens are optional (--auth off) but checked when given: one page below comes with one.
+const API_KEY = "browser-test-api-key-0123456789";
+
+// The chat's namespaces: `plain:*` keeps nothing (a channel as before history existed),
+// `locked:*` refuses clients (to see error replies reject), every other channel keeps history
+// and presence.
+const CONFIG = `
+[[namespace]]
+name = "plain:*"
+
+[[namespace]]
+name = "locked:*"
+subscribe = "token"
+publish = "server"
+
+[[namespace]]
+name = "*"
+history_size = 100
+history_ttl = 300
+presence = true
+`;
+const configFile = join(artifacts, "browser.toml");
+writeFileSync(configFile, CONFIG);
+
+// A node on `listen`; with Redis when redisPort is given, standalone otherwise; with the
+// configuration file unless config is false; with the server API when api is true.
+function startNode(name, listen, { redisPort = null, config = true, api = false } = {}) {
+  const child = start(name, FANOUT, ["--listen", listen, "--threads", "2",
+    ...(redisPort ? ["--redis", `redis://127.0.0.1:${redisPort}`] : []),
+    ...(config ? ["--config", configFile] : []),
+    ...(api ? ["--api-listen", "127.0.0.1:0", "--api-key", API_KEY] : []),
+    // Tokens are optional (--auth off) but checked when given: some pages below come with one.
     "--token-hmac-secret", TOKEN_SECRET,
     "--drain-delay", "0", "--drain-time", "0.5", "--log-level", "info",
     // Chromium offers permessage-deflate: every message of this test travels compressed, both
@@ -111,11 +142,22 @@ function startNode(name, listen, redisPort) {
     const timer = setTimeout(() => reject(new Error(`${name} did not print its address within 15 s`)), 15000);
     child.stdout.on("data", (d) => {
       buf += d;
-      const m = buf.match(/listening on (\S+)/);
-      if (m) { clearTimeout(timer); resolve({ child, addr: m[1] }); }
+      const m = buf.match(/^listening on (\S+)/m);
+      const a = buf.match(/^api listening on (\S+)/m);
+      if (m && (!api || a)) { clearTimeout(timer); resolve({ child, addr: m[1], api: a ? a[1] : null }); }
     });
     child.once("exit", (code) => { clearTimeout(timer); reject(new Error(`${name} exited early (${code}); see ${name}.log`)); });
   });
+}
+
+async function api(node, path, body) {
+  const res = await fetch(`http://${node.api}${path}`, {
+    method: "POST",
+    headers: { Authorization: `apikey ${API_KEY}`, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (res.status !== 200) throw new Error(`${path}: ${res.status} ${await res.text()}`);
+  return res.json();
 }
 
 let redisPort = 0;
@@ -196,6 +238,42 @@ async function waitFrame(frames, pred) {
   return waitFor("a WebSocket message", () => frames.received.map((f) => JSON.parse(f)).find((m) => m.op === "message" && pred(m)));
 }
 
+// Who a page lists as online in its active channel: names of signed-in users, and the count
+// of anonymous clients; null while the list is hidden (the channel has no presence).
+async function online(page) {
+  return page.evaluate(() => {
+    const box = document.querySelector("[data-testid=online]");
+    if (box.hidden) return null;
+    const users = [...box.querySelectorAll("[data-testid=online-user] .name")].map((e) => e.textContent);
+    const g = box.querySelector("[data-testid=online-guests]");
+    return { users, guests: g ? Number(g.dataset.count) : 0 };
+  });
+}
+
+const texts = async (page) => (await messages(page)).map((m) => m.text);
+const parsed = (frames) => frames.map((f) => { try { return JSON.parse(f); } catch { return null; } }).filter(Boolean);
+
+// A page on a node's origin that is not the chat page (its /healthz), with the node's
+// /fanout.js imported as window.fanout: for scripted clients and for testing the module itself.
+async function toolPage(node, errors) {
+  const p = await (await browser.newContext()).newPage();
+  p.on("pageerror", (e) => errors.push(`tool: ${e.message}`));
+  await p.goto(`http://${node.addr}/healthz`);
+  await p.evaluate(async () => { window.fanout = await import("/fanout.js"); });
+  return p;
+}
+
+// Publishes each text as a chat message from `user`, one after the other, each only once the
+// previous one was acknowledged (so they are in the channel in this order).
+async function publishAll(tool, channel, list, user = "tina") {
+  await tool.evaluate(async ({ channel, list, user }) => {
+    const c = window.fanout.connect({});
+    await c.whenOpen();
+    for (const text of list) await c.publish(channel, { user, text, ts: Date.now() });
+    c.close();
+  }, { channel, list, user });
+}
+
 async function shoot(page, file, committed) {
   await page.screenshot({ path: join(artifacts, file) });
   if (updateScreenshots && committed) copyFileSync(join(artifacts, file), join(here, "screenshots", committed));
@@ -207,17 +285,30 @@ try {
   redisPort = await freePort();
   start("redis", "redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
   await waitPort(redisPort);
-  const n1 = await startNode("node1", "127.0.0.1:0", redisPort);
-  let n2 = await startNode("node2", "127.0.0.1:0", redisPort);
+  const n1 = await startNode("node1", "127.0.0.1:0", { redisPort, api: true });
+  let n2 = await startNode("node2", "127.0.0.1:0", { redisPort });
 
   await check("the page at / is the embedded chat page and its CSP hash matches its script", async () => {
     const res = await fetch(`http://${n1.addr}/`);
     if (res.status !== 200 || !res.headers.get("content-type").startsWith("text/html")) throw new Error(`${res.status} ${res.headers.get("content-type")}`);
     const html = await res.text();
-    const script = html.match(/<script>([\s\S]*?)<\/script>/)[1];
+    const script = html.match(/<script type="module">([\s\S]*?)<\/script>/)[1];
     const hash = `'sha256-${createHash("sha256").update(script).digest("base64")}'`;
     const csp = html.match(/http-equiv="Content-Security-Policy" content="([^"]*)"/);
     if (!csp || !csp[1].includes(hash)) throw new Error(`the page's CSP must allow its script: put ${hash} in script-src of src/web/index.html`);
+  });
+
+  await check("GET /fanout.js is the embedded browser client: a JavaScript module with no imports", async () => {
+    const res = await fetch(`http://${n1.addr}/fanout.js`);
+    const type = res.headers.get("content-type");
+    if (res.status !== 200 || type !== "text/javascript; charset=utf-8") throw new Error(`${res.status} ${type}`);
+    if (res.headers.get("x-content-type-options") !== "nosniff") throw new Error("no X-Content-Type-Options: nosniff");
+    const js = await res.text();
+    if (!/^export function connect\(/m.test(js)) throw new Error("the module exports no connect()");
+    // No build step and no external assets: the module imports nothing and loads nothing else.
+    if (/^\s*import\s/m.test(js) || /\bimport\s*\(/.test(js) || /https?:\/\//.test(js)) throw new Error("fanout.js imports or names another resource");
+    const head = await fetch(`http://${n1.addr}/fanout.js`, { method: "HEAD" });
+    if (head.status !== 200 || Number(head.headers.get("content-length")) !== Buffer.byteLength(js)) throw new Error(`HEAD: ${head.status} ${head.headers.get("content-length")}`);
   });
 
   browser = await chromium.launch({
@@ -245,6 +336,114 @@ try {
   await waitOpen(a);
   await waitOpen(b);
   await waitSubscribers("room1", (n) => n >= 2, "to reach 2 (one per node)");
+  const tool = await toolPage(n1, pageErrors);
+
+  await check("fanout.js: the reconnect delay is full jitter under a doubling ceiling with a cap", async () => {
+    const rows = await tool.evaluate(() => {
+      const opts = { baseDelay: 100, maxDelay: 1600 };
+      return Array.from({ length: 8 }, (_, attempt) => {
+        const xs = Array.from({ length: 400 }, () => window.fanout.backoffDelay(attempt, opts));
+        return { attempt, min: Math.min(...xs), max: Math.max(...xs), distinct: new Set(xs).size };
+      });
+    });
+    for (const r of rows) {
+      const ceiling = Math.min(1600, 100 * 2 ** r.attempt);
+      // 400 uniform draws: the chance that none lands in the top or bottom tenth is 0.9^400.
+      if (r.min < 0 || r.max >= ceiling) throw new Error(`attempt ${r.attempt}: delays ${r.min}..${r.max} outside [0, ${ceiling})`);
+      if (r.max < 0.9 * ceiling || r.min > 0.1 * ceiling || r.distinct < 50) throw new Error(`attempt ${r.attempt}: not spread over [0, ${ceiling}): ${JSON.stringify(r)}`);
+    }
+  });
+
+  await check("fanout.js: against a dead port it retries with growing, jittered waits and really waits them", async () => {
+    const dead = await freePort();
+    const events = await tool.evaluate(async (url) => {
+      const events = [];
+      const c = window.fanout.connect({ url, baseDelay: 40, maxDelay: 320,
+        onState: (state, info) => events.push({ state, t: performance.now(), retryIn: info.retryIn, final: info.final }) });
+      while (events.filter((e) => e.state === "connecting").length < 9) await new Promise((r) => setTimeout(r, 20));
+      c.close();
+      return events;
+    }, `ws://127.0.0.1:${dead}/ws`);
+    const waits = [];
+    for (let i = 0; i + 1 < events.length; i++) {
+      const e = events[i];
+      if (e.state !== "closed" || e.final) continue;
+      const next = events[i + 1];
+      if (next.state !== "connecting") throw new Error(`after a wait came ${next.state}`);
+      const ceiling = Math.min(320, 40 * 2 ** waits.length);
+      if (!(e.retryIn >= 0 && e.retryIn < ceiling)) throw new Error(`wait #${waits.length} is ${e.retryIn} ms, outside [0, ${ceiling})`);
+      // Timers never fire early; 1 ms for the clock's rounding.
+      if (next.t - e.t < e.retryIn - 1) throw new Error(`wait #${waits.length}: reconnected after ${next.t - e.t} ms, announced ${e.retryIn}`);
+      waits.push(e.retryIn / ceiling);
+    }
+    if (waits.length < 8) throw new Error(`only ${waits.length} waits in ${JSON.stringify(events)}`);
+    if (new Set(waits.map((f) => f.toFixed(3))).size < 2) throw new Error(`every wait is the same fraction of its ceiling: no jitter (${waits})`);
+    if (events.at(-1).state !== "closed" || !events.at(-1).final) throw new Error("close() did not end it for good");
+  });
+
+  await check("fanout.js: publish resolves on the ok, error replies reject with the server's words, ids match replies", async () => {
+    const r = await tool.evaluate(async () => {
+      const c = window.fanout.connect({});
+      await c.whenOpen();
+      const got = [];
+      const sub = c.subscribe("unit:acks", { onMessage: (m) => got.push(m.data) });
+      const ok = await sub.ready;
+      const acks = await Promise.all(Array.from({ length: 20 }, (_, i) => c.publish("unit:acks", { n: i })));
+      const reject = async (p) => { try { await p; return null; } catch (e) { return { name: e.name, code: e.code, message: e.message }; } };
+      const publishRefused = await reject(c.publish("locked:news", "hi"));
+      let onError = null;
+      const locked = c.subscribe("locked:news", { onError: (e) => { onError = e.message; } });
+      const subscribeRefused = await reject(locked.ready);
+      while (got.length < 20) await new Promise((r) => setTimeout(r, 20));
+      c.close();
+      const afterClose = await reject(c.publish("unit:acks", 1));
+      return { ok, acks, got, publishRefused, subscribeRefused, onError, lockedState: locked.state, kept: !!c.subscription("locked:news"), afterClose };
+    });
+    if (r.ok.op !== "ok" || r.acks.some((a) => a.op !== "ok")) throw new Error(`replies ${JSON.stringify([r.ok, r.acks[0]])}`);
+    // Each publish got its own reply: the ids are distinct, so the promises matched replies by id.
+    if (new Set(r.acks.map((a) => a.id)).size !== 20) throw new Error(`ack ids ${r.acks.map((a) => a.id)}`);
+    if (r.got.map((d) => d.n).join() !== [...Array(20).keys()].join()) throw new Error(`delivered ${JSON.stringify(r.got)}`);
+    if (r.publishRefused?.code !== "server" || !/forbidden/.test(r.publishRefused.message)) throw new Error(`publish to locked:news: ${JSON.stringify(r.publishRefused)}`);
+    if (r.subscribeRefused?.code !== "server" || !/forbidden/.test(r.subscribeRefused.message) || r.onError !== r.subscribeRefused.message) throw new Error(`subscribe to locked:news: ${JSON.stringify(r)}`);
+    if (r.lockedState !== "failed" || r.kept) throw new Error("a refused subscription is kept (it would be sent again on every reconnect)");
+    if (r.afterClose?.code !== "disconnected") throw new Error(`publish after close: ${JSON.stringify(r.afterClose)}`);
+  });
+
+  await check("fanout.js: 4002 from the server API ends it for good; 4001 without getToken too; getToken's refresh keeps it open", async () => {
+    const now = Math.floor(Date.now() / 1000);
+    const tokens = {
+      banned: mintToken({ sub: "u40", exp: now + 600 }),
+      // Expires in 1 s: the server closes it 4001 once the 5 s of leeway are over.
+      short: mintToken({ sub: "u41", exp: now + 1 }),
+      fresh: [mintToken({ sub: "u41", exp: now + 600 }), mintToken({ sub: "u41", exp: now + 600 })],
+    };
+    await tool.evaluate((tokens) => {
+      const log = (name) => (state, info) => window.unitStates[name].push({ state, code: info.code, final: info.final });
+      window.unitStates = { banned: [], expiring: [], refreshed: [] };
+      const opts = { baseDelay: 20, maxDelay: 100 };
+      window.unitClients = {
+        banned: window.fanout.connect({ ...opts, token: tokens.banned, onState: log("banned") }),
+        expiring: window.fanout.connect({ ...opts, token: tokens.short, onState: log("expiring") }),
+        refreshed: window.fanout.connect({ ...opts, token: tokens.short, onState: log("refreshed"), getToken: () => tokens.fresh.shift() }),
+      };
+      return Promise.all(Object.values(window.unitClients).map((c) => c.whenOpen()));
+    }, tokens);
+    const closed = await api(n1, "/api/disconnect", { user: "u40" });
+    if (closed.closed !== 1) throw new Error(`the API closed ${JSON.stringify(closed)}`);
+    const states = (name) => tool.evaluate((name) => window.unitStates[name], name);
+    await waitFor("the 4002 close", async () => (await states("banned")).some((e) => e.final));
+    await waitFor("the 4001 close", async () => (await states("expiring")).some((e) => e.final), 15000);
+    // Ten times the largest backoff: a client that meant to come back would have tried by now.
+    await new Promise((r) => setTimeout(r, 1000));
+    const banned = await states("banned"), expiring = await states("expiring"), refreshed = await states("refreshed");
+    const end = (list, code) => { const e = list.at(-1); return e.state === "closed" && e.final && e.code === code; };
+    if (!end(banned, 4002) || banned.filter((e) => e.state === "connecting").length !== 1) throw new Error(`after 4002: ${JSON.stringify(banned)}`);
+    if (!end(expiring, 4001) || expiring.filter((e) => e.state === "connecting").length !== 1) throw new Error(`after 4001: ${JSON.stringify(expiring)}`);
+    const r = await tool.evaluate(() => ({ token: window.unitClients.refreshed.token, state: window.unitClients.refreshed.state }));
+    if (refreshed.length !== 2 || r.state !== "open") throw new Error(`the client with getToken: ${JSON.stringify(refreshed)}`);
+    if (r.token === tokens.short) throw new Error("the refresh did not replace the token (a reconnect would present the expired one)");
+    await tool.evaluate(() => Object.values(window.unitClients).forEach((c) => c.close()));
+  });
 
   await check("a message typed in A (node 1) appears in B (node 2) with author and time", async () => {
     await say(a, "hello from ana");
@@ -380,7 +579,7 @@ try {
     await shoot(b, "b-offline.png", null);
     await waitSubscribers("room1", (n) => n === 1, "to drop to 1 (node 2 gone)");
     await waitSubscribers("side", (n) => n === 1, "to drop to 1 (node 2 gone)");
-    n2 = await startNode("node2-restarted", addr, redisPort);
+    n2 = await startNode("node2-restarted", addr, { redisPort });
     await waitOpen(b, 30000);
     await waitSubscribers("room1", (n) => n === 2, "to return to 2");
     await waitSubscribers("side", (n) => n === 2, "to return to 2 (B re-subscribed every channel)");
