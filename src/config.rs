@@ -82,6 +82,14 @@ pub struct Args {
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value = "100000")]
     pub max_connections: String,
 
+    /// Standalone only: most bytes of channel history the node keeps in memory, for every channel together; the oldest messages go first.
+    #[arg(long, env = "FANOUT_HISTORY_MAX_BYTES", default_value = "67108864")]
+    pub history_max_bytes: String,
+
+    /// Seconds after which a node that stopped refreshing its clients' presence (it died) drops out of it.
+    #[arg(long, env = "FANOUT_PRESENCE_TTL", default_value = "30")]
+    pub presence_ttl: String,
+
     /// Seconds of silence from a client after which the server sends it a ping.
     #[arg(long, env = "FANOUT_PING_INTERVAL", default_value = "30")]
     pub ping_interval: String,
@@ -180,6 +188,8 @@ pub struct Config {
     pub max_queue: usize,
     pub max_subscriptions: usize,
     pub max_connections: usize,
+    pub history_max_bytes: usize,
+    pub presence_ttl: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -286,6 +296,13 @@ impl Config {
             max_queue,
             max_subscriptions: size("--max-subscriptions", &args.max_subscriptions, 1, 65536)?,
             max_connections: size("--max-connections", &args.max_connections, 1, 100_000_000)?,
+            history_max_bytes: size(
+                "--history-max-bytes",
+                &args.history_max_bytes,
+                0,
+                usize::MAX >> 1,
+            )?,
+            presence_ttl: seconds("--presence-ttl", &args.presence_ttl, 1.0)?,
             ping_interval: seconds("--ping-interval", &args.ping_interval, 0.05)?,
             idle_timeout: seconds("--idle-timeout", &args.idle_timeout, 0.1)?,
             handshake_timeout: seconds("--handshake-timeout", &args.handshake_timeout, 0.05)?,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::broker::bus::{ApiMailbox, ApiReply, Control, Mailbox};
+use crate::broker::history::History;
 use crate::config::Config;
 use crate::metrics::{self, ReactorMetrics};
 
@@ -49,6 +50,8 @@ pub struct Shared {
     pub started: Instant,
     /// The server API's queue (`--api-listen`): what reactors answer it.
     pub api: Option<ApiMailbox>,
+    /// Channel history of a standalone node (with Redis, history lives in Redis).
+    pub history: Mutex<History>,
 }
 
 impl Shared {
@@ -63,6 +66,7 @@ impl Shared {
                     .map(|ip| SocketAddr::new(ip, u.port))
             })
             .collect();
+        let history = Mutex::new(History::new(config.history_max_bytes));
         Shared {
             config,
             reactors,
@@ -75,6 +79,7 @@ impl Shared {
             node_id: random_id(),
             started: Instant::now(),
             api: None,
+            history,
         }
     }
 

@@ -44,10 +44,40 @@ pub fn validate_channel(name: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Where a client last was in a channel with history: the offset of the last message it got
+/// and the channel's epoch then.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Most messages one `history` command (or the server API's) returns.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// Messages `history` returns when the command names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+
 /// One parsed client command.
 #[derive(Debug, PartialEq)]
 pub enum Command<'a> {
     Subscribe {
+        channel: Cow<'a, str>,
+        /// Recover what was published after this position (channels with history).
+        since: Option<Position>,
+        /// Also deliver the channel's join and leave events (channels with presence).
+        presence_events: bool,
+    },
+    /// The newest `limit` messages of a channel with history.
+    History {
+        channel: Cow<'a, str>,
+        limit: usize,
+    },
+    /// Who is subscribed to a channel with presence, on every node.
+    Presence {
+        channel: Cow<'a, str>,
+    },
+    /// How many clients and users are subscribed to a channel with presence.
+    PresenceStats {
         channel: Cow<'a, str>,
     },
     Unsubscribe {
@@ -89,6 +119,9 @@ struct Wire<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    since: Option<Position>,
+    presence_events: Option<bool>,
+    limit: Option<u64>,
 }
 
 /// Just the id of a command that does not otherwise parse.
@@ -132,6 +165,27 @@ pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
     let command = match op.as_ref() {
         "subscribe" => Command::Subscribe {
             channel: channel()?,
+            since: wire.since.clone(),
+            presence_events: wire.presence_events.unwrap_or(false),
+        },
+        "history" => {
+            let channel = channel()?;
+            let limit = match wire.limit {
+                None => DEFAULT_HISTORY_LIMIT,
+                Some(n) if n >= 1 && n <= MAX_HISTORY_LIMIT as u64 => n as usize,
+                Some(n) => {
+                    return Err(fail(format!(
+                        "\"limit\" {n} is out of range: 1 to {MAX_HISTORY_LIMIT}"
+                    )))
+                }
+            };
+            Command::History { channel, limit }
+        }
+        "presence" => Command::Presence {
+            channel: channel()?,
+        },
+        "presence_stats" => Command::PresenceStats {
+            channel: channel()?,
         },
         "unsubscribe" => Command::Unsubscribe {
             channel: channel()?,
@@ -153,7 +207,7 @@ pub fn parse_command(text: &[u8]) -> Result<Request<'_>, CommandError<'_>> {
         },
         other => {
             return Err(fail(format!(
-                "unknown op {other:?}; expected subscribe, unsubscribe, publish or refresh"
+                "unknown op {other:?}; expected subscribe, unsubscribe, publish, refresh, history, presence or presence_stats"
             )))
         }
     };
@@ -200,7 +254,7 @@ fn push_id(body: &mut Vec<u8>, id: Option<&str>) {
 /// Builds the delivery `{"op":"message","channel":C,"data":D}` as one text frame. Called once per
 /// message per reactor, never per subscriber. `scratch` is reused between calls.
 pub fn envelope(channel: &[u8], payload: &[u8], scratch: &mut Vec<u8>) -> Bytes {
-    envelope_from(channel, payload, None, scratch)
+    envelope_from(channel, payload, None, 0, scratch)
 }
 
 /// Who published a message, as a delivery names them: the token's `sub` and its `info` claim
@@ -213,34 +267,119 @@ pub struct Author<'a> {
 
 /// [`envelope`] of a message an authenticated client published: `"user"` (the token's `sub`)
 /// and `"info"` (its `info` claim) are set by the server, never taken from the payload.
+///
+/// `offset` (not 0) is the message's place in the channel's history, sent as `"offset"`.
 pub fn envelope_from(
     channel: &[u8],
     payload: &[u8],
     from: Option<Author<'_>>,
+    offset: u64,
     scratch: &mut Vec<u8>,
 ) -> Bytes {
     scratch.clear();
     scratch.extend_from_slice(b"{\"op\":\"message\",\"channel\":\"");
     // Channel names are validated to need no escaping.
     scratch.extend_from_slice(channel);
-    scratch.extend_from_slice(b"\",\"data\":");
+    scratch.extend_from_slice(b"\",");
+    push_message_fields(scratch, payload, from, offset);
+    scratch.push(b'}');
+    encode(OpCode::Text, scratch)
+}
+
+/// `"data":...` (with `"encoding"` for binary), `"user"`, `"info"` and `"offset"` as they apply:
+/// what a delivery and a history entry say of one message.
+fn push_message_fields(out: &mut Vec<u8>, payload: &[u8], from: Option<Author<'_>>, offset: u64) {
+    out.extend_from_slice(b"\"data\":");
     if is_json(payload) {
-        scratch.extend_from_slice(payload);
+        out.extend_from_slice(payload);
     } else if let Ok(text) = std::str::from_utf8(payload) {
-        serde_json::to_writer(&mut *scratch, text).expect("writing to a Vec cannot fail");
+        serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
     } else {
-        scratch.push(b'"');
-        base64_encode(payload, scratch);
-        scratch.extend_from_slice(b"\",\"encoding\":\"base64\"");
+        out.push(b'"');
+        base64_encode(payload, out);
+        out.extend_from_slice(b"\",\"encoding\":\"base64\"");
     }
     if let Some(from) = from {
-        scratch.extend_from_slice(b",\"user\":");
-        serde_json::to_writer(&mut *scratch, from.user).expect("writing to a Vec cannot fail");
+        out.extend_from_slice(b",\"user\":");
+        serde_json::to_writer(&mut *out, from.user).expect("writing to a Vec cannot fail");
         if let Some(info) = from.info {
-            scratch.extend_from_slice(b",\"info\":");
-            scratch.extend_from_slice(info.as_bytes());
+            out.extend_from_slice(b",\"info\":");
+            out.extend_from_slice(info.as_bytes());
         }
     }
+    if offset != 0 {
+        out.extend_from_slice(b",\"offset\":");
+        out.extend_from_slice(offset.to_string().as_bytes());
+    }
+}
+
+/// The `ok` of a subscribe on a channel with history: the channel's newest offset and epoch,
+/// and with `since` whether every message after it follows (`recovered`).
+pub fn subscribed_reply(
+    id: Option<&str>,
+    offset: u64,
+    epoch: &str,
+    recovered: Option<bool>,
+) -> Bytes {
+    let mut body = Vec::with_capacity(96 + epoch.len());
+    body.extend_from_slice(b"{\"op\":\"ok\"");
+    push_id(&mut body, id);
+    body.extend_from_slice(format!(",\"offset\":{offset},\"epoch\":").as_bytes());
+    serde_json::to_writer(&mut body, epoch).expect("writing a str to a Vec cannot fail");
+    if let Some(recovered) = recovered {
+        body.extend_from_slice(format!(",\"recovered\":{recovered}").as_bytes());
+    }
+    body.push(b'}');
+    encode(OpCode::Text, &body)
+}
+
+/// One message of a history answer: its offset, payload and publisher.
+pub struct Kept<'a> {
+    pub offset: u64,
+    pub payload: &'a [u8],
+    pub from: Option<Author<'a>>,
+}
+
+/// The JSON object `{"channel","epoch","offset","messages":[...]}` of a history answer, oldest
+/// message first, without the closing brace (the WebSocket reply and the server API add their
+/// own fields).
+pub fn history_body<'a>(
+    out: &mut Vec<u8>,
+    channel: &[u8],
+    epoch: &str,
+    top: u64,
+    messages: impl Iterator<Item = Kept<'a>>,
+) {
+    out.extend_from_slice(b"\"channel\":\"");
+    out.extend_from_slice(channel);
+    out.extend_from_slice(b"\",\"epoch\":");
+    serde_json::to_writer(&mut *out, epoch).expect("writing a str to a Vec cannot fail");
+    out.extend_from_slice(format!(",\"offset\":{top},\"messages\":[").as_bytes());
+    for (i, m) in messages.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'{');
+        push_message_fields(out, m.payload, m.from, m.offset);
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
+/// `{"op":"history","id":N,"channel":...,"epoch":...,"offset":...,"messages":[...]}`.
+pub fn history_reply<'a>(
+    id: Option<&str>,
+    channel: &[u8],
+    epoch: &str,
+    top: u64,
+    messages: impl Iterator<Item = Kept<'a>>,
+    scratch: &mut Vec<u8>,
+) -> Bytes {
+    scratch.clear();
+    scratch.extend_from_slice(b"{\"op\":\"history\"");
+    push_id(scratch, id);
+    scratch.push(b',');
+    history_body(scratch, channel, epoch, top, messages);
     scratch.push(b'}');
     encode(OpCode::Text, scratch)
 }
@@ -304,9 +443,46 @@ mod tests {
         assert_eq!(
             r.command,
             Command::Subscribe {
-                channel: "c".into()
+                channel: "c".into(),
+                since: None,
+                presence_events: false,
             }
         );
+        let r = parse_command(
+            br#"{"op":"subscribe","channel":"c","since":{"offset":7,"epoch":"e1"},"presence_events":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.command,
+            Command::Subscribe {
+                channel: "c".into(),
+                since: Some(Position {
+                    offset: 7,
+                    epoch: "e1".into()
+                }),
+                presence_events: true,
+            }
+        );
+        let r = parse_command(br#"{"op":"history","channel":"c"}"#).unwrap();
+        assert_eq!(
+            r.command,
+            Command::History {
+                channel: "c".into(),
+                limit: DEFAULT_HISTORY_LIMIT
+            }
+        );
+        for bad in [
+            &br#"{"op":"history","channel":"c","limit":0}"#[..],
+            br#"{"op":"history","channel":"c","limit":1001}"#,
+            br#"{"op":"subscribe","channel":"c","since":{"offset":-1,"epoch":"e"}}"#,
+            br#"{"op":"subscribe","channel":"c","since":{"offset":1}}"#,
+        ] {
+            assert!(
+                parse_command(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         let r = parse_command(br#"{"op":"publish","channel":"c","data":"h\u00e9"}"#).unwrap();
         assert_eq!(
             r.command,

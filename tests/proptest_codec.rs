@@ -355,8 +355,11 @@ fn check_command(bytes: &[u8]) {
         Ok(request) => {
             match &request.command {
                 Command::Publish { channel, .. }
-                | Command::Subscribe { channel }
-                | Command::Unsubscribe { channel } => {
+                | Command::Subscribe { channel, .. }
+                | Command::Unsubscribe { channel }
+                | Command::History { channel, .. }
+                | Command::Presence { channel }
+                | Command::PresenceStats { channel } => {
                     protocol::validate_channel(channel.as_bytes()).unwrap()
                 }
                 // No channel to check; the token is verified by the reactor, not the parser.

@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(request) => {
             assert_json(body(&protocol::ok_reply(request.id)));
             let channel = match &request.command {
-                Command::Subscribe { channel } | Command::Unsubscribe { channel } => channel,
+                Command::Subscribe { channel, .. }
+                | Command::Unsubscribe { channel }
+                | Command::History { channel, .. }
+                | Command::Presence { channel }
+                | Command::PresenceStats { channel } => channel,
                 Command::Publish { channel, payload } => {
                     let mut scratch = Vec::new();
                     let frame = protocol::envelope(channel.as_bytes(), payload, &mut scratch);

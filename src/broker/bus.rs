@@ -37,9 +37,11 @@ use mio::Waker;
 
 use bytes::Bytes;
 
+use super::history::Page;
 use super::redis::Ack;
 use super::Message;
 use crate::metrics::ReactorMetrics;
+use crate::protocol::Position;
 
 /// Messages a reactor's queue holds before further ones are dropped. At the default 64 KiB
 /// `--max-message` that bounds one queue to a few GiB in the very worst case, and to a few MiB
@@ -51,6 +53,42 @@ pub const MAX_AWAITED: usize = 64 * 1024;
 
 /// Most control requests waiting in one reactor's queue (see the module comment).
 pub const CONTROL_CAPACITY: usize = 1024;
+
+/// What a reactor's `messages` queue carries: messages to deliver, and the answers to history
+/// reads, which must come in the same stream as the messages (see `reactor::history`).
+#[derive(Debug)]
+pub enum Delivery {
+    Message(Message),
+    Read(Box<ReadDone>),
+}
+
+/// Why a history read was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// A JSON subscribe on a channel with history: its `ok` carries the channel's position,
+    /// and with `since` the messages after it follow.
+    Subscribe { since: Option<Position> },
+    /// The `history` command: the newest `limit` messages.
+    History { limit: usize },
+}
+
+/// A history read one client asked for: who gets the answer.
+#[derive(Debug)]
+pub struct ReadFor {
+    pub reactor: usize,
+    pub conn: usize,
+    pub serial: u64,
+    pub id: Option<Box<str>>,
+    pub channel: Bytes,
+    pub purpose: Purpose,
+}
+
+/// A history read, answered: the page, or why there is none.
+#[derive(Debug)]
+pub struct ReadDone {
+    pub to: ReadFor,
+    pub result: Result<Page, String>,
+}
 
 /// What a reactor asks of the node's Redis reactor.
 #[derive(Debug)]
@@ -64,11 +102,15 @@ pub enum Request {
         subscribe: bool,
     },
     /// PUBLISH `payload` on `channel`; with an `ack`, answered with [`Reply::Published`].
+    /// On a channel with history, appended to its stream and published by one script.
     Publish {
         channel: Bytes,
         payload: Bytes,
         ack: Option<Ack>,
     },
+    /// Read a channel's history; answered with a [`Delivery::Read`] in the asking reactor's
+    /// message queue (or, when that is full, [`Reply::ReadFailed`]).
+    Read(Box<ReadFor>),
 }
 
 /// What the Redis reactor answers.
@@ -86,6 +128,8 @@ pub enum Reply {
         ack: Ack,
         result: Result<(), String>,
     },
+    /// A history read could not be answered in the message queue (it was full).
+    ReadFailed(Box<ReadFor>),
 }
 
 /// What one thread asks of a reactor besides delivering messages.
@@ -170,7 +214,7 @@ impl ApiMailbox {
 
 /// The sending side of a reactor's queues, shared with every other thread.
 pub struct Mailbox {
-    messages: SyncSender<Message>,
+    messages: SyncSender<Delivery>,
     requests: SyncSender<Request>,
     replies: Sender<Reply>,
     control: Sender<Control>,
@@ -185,7 +229,7 @@ pub struct Mailbox {
 
 /// The receiving side, owned by the reactor.
 pub struct Inbox {
-    pub messages: Receiver<Message>,
+    pub messages: Receiver<Delivery>,
     pub requests: Receiver<Request>,
     pub replies: Receiver<Reply>,
     pub control: Receiver<Control>,
@@ -220,7 +264,7 @@ impl Mailbox {
     /// Queues a message for delivery; a full queue drops it (counted). The receiver lives as
     /// long as its reactor: after it stopped there is nobody to deliver to.
     pub fn deliver(&self, msg: Message) {
-        match self.messages.try_send(msg) {
+        match self.messages.try_send(Delivery::Message(msg)) {
             Ok(()) => self.wake(),
             Err(TrySendError::Full(_)) => {
                 self.metrics.bus_dropped.inc();
@@ -296,16 +340,34 @@ impl Mailbox {
     /// Queues a message for delivery unless the queue is full; then it is handed back (not
     /// counted as dropped: the server API tells its caller instead).
     pub fn try_deliver(&self, msg: Message) -> Result<(), Message> {
-        match self.messages.try_send(msg) {
+        match self.try_send(Delivery::Message(msg)) {
+            Ok(()) => Ok(()),
+            Err(Delivery::Message(msg)) => Err(msg),
+            Err(Delivery::Read(_)) => unreachable!("a message was sent"),
+        }
+    }
+
+    /// Queues the answer to a history read behind the messages already queued; a full queue
+    /// hands it back.
+    pub fn deliver_read(&self, done: Box<ReadDone>) -> Result<(), Box<ReadDone>> {
+        match self.try_send(Delivery::Read(done)) {
+            Ok(()) => Ok(()),
+            Err(Delivery::Read(done)) => Err(done),
+            Err(Delivery::Message(_)) => unreachable!("a read was sent"),
+        }
+    }
+
+    fn try_send(&self, delivery: Delivery) -> Result<(), Delivery> {
+        match self.messages.try_send(delivery) {
             Ok(()) => {
                 self.wake();
                 Ok(())
             }
-            Err(TrySendError::Full(msg)) => {
+            Err(TrySendError::Full(d)) => {
                 self.wake();
-                Err(msg)
+                Err(d)
             }
-            Err(TrySendError::Disconnected(msg)) => Err(msg),
+            Err(TrySendError::Disconnected(d)) => Err(d),
         }
     }
 

@@ -18,6 +18,12 @@ pub struct Subscriber {
     pub json: bool,
     /// permessage-deflate parameters, when the connection negotiated it.
     pub deflate: Option<Agreed>,
+    /// Wants the channel's join and leave events (JSON subscribers of channels with presence).
+    pub presence_events: bool,
+    /// Gets no live messages yet: its `ok` waits for the channel's history position (and, when
+    /// it asked, the messages it missed), which arrives in the same stream as the live ones;
+    /// everything before it is older than that position. See `reactor::recovery`.
+    pub waiting: bool,
 }
 
 #[derive(Debug)]
@@ -51,6 +57,8 @@ impl Channels {
                 conn,
                 json,
                 deflate: None,
+                presence_events: false,
+                waiting: false,
             },
         )
     }
@@ -104,6 +112,14 @@ impl Channels {
 
     pub fn get(&self, name: &[u8]) -> Option<&Channel> {
         self.by_name.get(name).map(|&id| &self.slots[id])
+    }
+
+    /// One subscriber, to change how it is served (never to move it: see `subscribe_as`).
+    pub fn subscriber_mut(&mut self, sub: Subscription) -> Option<&mut Subscriber> {
+        self.slots
+            .get_mut(sub.channel as usize)?
+            .subscribers
+            .get_mut(sub.slot as usize)
     }
 
     pub fn channel(&self, sub: Subscription) -> Option<&Channel> {

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mio::{Registry, Token};
 use slab::Slab;
 
@@ -413,9 +413,9 @@ impl RedisCluster {
                     log::warn!("redis cluster: CLUSTER SHARDS refused: {e}");
                     self.refresh_soon(now);
                 }
-                other @ (RedisEvent::Message { .. } | RedisEvent::Published { .. }) => {
-                    self.events.push_back(other)
-                }
+                other @ (RedisEvent::Message { .. }
+                | RedisEvent::Published { .. }
+                | RedisEvent::Reply { .. }) => self.events.push_back(other),
                 RedisEvent::Lost { .. } => {}
             }
         }
@@ -631,5 +631,31 @@ impl RedisCluster {
             return Err((Refused::Down, ack));
         };
         shard.link.publish(channel, payload, ack, registry, now)
+    }
+
+    /// Sends a command to the master owning `channel`'s slot (its keys must share that slot:
+    /// [`crate::broker::slots::key_beside`]); see [`RedisLink::call`]. A `MOVED` comes back as
+    /// the reply's error and makes the map be read again.
+    pub fn call(
+        &mut self,
+        channel: &[u8],
+        args: impl Iterator<Item = Bytes>,
+        tag: u64,
+        registry: &Registry,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let Some(shard) = self.owner_of(channel).and_then(|k| self.links.get_mut(k)) else {
+            self.refresh_soon(now);
+            return Err(Refused::Down);
+        };
+        shard.link.call(args, tag, registry, now)
+    }
+
+    /// The Redis name of a fanout channel (the prefix added).
+    pub fn redis_name(&self, channel: &[u8]) -> Bytes {
+        let mut name = BytesMut::with_capacity(self.prefix.len() + channel.len());
+        name.extend_from_slice(&self.prefix);
+        name.extend_from_slice(channel);
+        name.freeze()
     }
 }

@@ -12,9 +12,12 @@ pub mod bus;
 pub mod channels;
 pub mod cluster;
 pub mod control;
+pub mod history;
 pub mod origin;
 pub mod redis;
+pub mod scripts;
 pub mod slots;
+pub mod streams;
 pub mod tls;
 pub mod upstream;
 
@@ -50,14 +53,35 @@ pub fn fanout(
     let Some(channel) = channels.get(&msg.channel) else {
         return 0;
     };
-    let envelope = (channel.json_subscribers > 0)
-        .then(|| protocol::envelope_from(&channel.name, msg.payload(), msg.author(), scratch));
+    if msg.event {
+        // A join or leave: one JSON frame, only for the subscribers that asked for them.
+        let mut offered = 0;
+        for (_, sub) in channel.subscribers.iter() {
+            if sub.json && sub.presence_events && !sub.waiting {
+                queue(sub.conn, &msg.frame);
+                offered += 1;
+            }
+        }
+        return offered;
+    }
+    let envelope = (channel.json_subscribers > 0).then(|| {
+        protocol::envelope_from(
+            &channel.name,
+            msg.payload(),
+            msg.author(),
+            msg.offset,
+            scratch,
+        )
+    });
     let text = msg
         .frame
         .first()
         .is_some_and(|b| b & 0x0F == OpCode::Text.bits());
     let (mut raw_deflated, mut json_deflated) = (FrameCache::default(), FrameCache::default());
     for (_, sub) in channel.subscribers.iter() {
+        if sub.waiting {
+            continue;
+        }
         let (plain, payload, text, cache) = match (&envelope, sub.json) {
             (Some(envelope), true) => (envelope, &scratch[..], true, &mut json_deflated),
             _ => (&msg.frame, msg.payload(), text, &mut raw_deflated),
@@ -81,6 +105,11 @@ pub struct Message {
     payload_at: usize,
     /// Who published it, when an authenticated client did (JSON deliveries name them).
     pub from: Option<Arc<Identity>>,
+    /// Its place in the channel's history (channels with history; 0: none).
+    pub offset: u64,
+    /// A presence event (join, leave): `frame` is the whole JSON event, delivered only to JSON
+    /// subscribers that asked for events (see `reactor::presence`).
+    pub event: bool,
 }
 
 impl Message {
@@ -94,6 +123,8 @@ impl Message {
             frame,
             payload_at,
             from: None,
+            offset: 0,
+            event: false,
         }
     }
 
@@ -118,6 +149,8 @@ impl Message {
             frame,
             payload_at,
             from: None,
+            offset: 0,
+            event: false,
         }
     }
 

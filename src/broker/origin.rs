@@ -3,7 +3,7 @@
 //! receiving node strips before any subscriber sees the message.
 //!
 //! Wire form: `MAGIC` + `{"user":"42","info":{...}}` + `\n` + the payload. A payload that
-//! happens to begin with `MAGIC` is wrapped (with an empty header) even when anonymous, so no
+//! happens to begin like any fanout header (`MAGIC_PREFIX`) is wrapped (with an empty header) even when anonymous, so no
 //! client can forge a user by publishing bytes that look like a header. Other Redis clients
 //! publish plain payloads, which reach subscribers as they are.
 
@@ -17,11 +17,14 @@ use crate::auth::Identity;
 
 /// Starts every wrapped payload; NUL bytes make it unlikely in any text a client sends.
 pub const MAGIC: &[u8] = b"\0fanout-origin\0";
+/// How every header fanout puts in a Redis payload starts (this one, and the history offset of
+/// [`crate::broker::streams`]): a client payload that starts so is always wrapped.
+pub const MAGIC_PREFIX: &[u8] = b"\0fanout-";
 
 /// The payload to PUBLISH for a message `from` published (shared, not copied, when there is
 /// nothing to add).
 pub fn wrap(payload: Bytes, from: Option<&Identity>) -> Bytes {
-    if from.is_none() && !payload.starts_with(MAGIC) {
+    if from.is_none() && !payload.starts_with(MAGIC_PREFIX) {
         return payload;
     }
     let mut header = Vec::with_capacity(64);

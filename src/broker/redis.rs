@@ -28,6 +28,7 @@ use redis_protocol::resp3::decode::complete::decode_bytes_mut;
 use redis_protocol::resp3::encode::complete::extend_encode;
 use redis_protocol::resp3::types::BytesFrame;
 
+use super::scripts;
 use super::tls::Stream;
 use crate::config::RedisUrl;
 
@@ -80,6 +81,13 @@ enum Pending {
     },
     /// CLUSTER SHARDS: its reply is handed over whole as [`RedisEvent::Topology`].
     Topology,
+    /// A command sent with [`RedisLink::call`]: its reply is handed over whole as
+    /// [`RedisEvent::Reply`] with the caller's `tag`.
+    Call {
+        tag: u64,
+    },
+    /// SCRIPT LOAD of one of [`scripts::ALL`] at the handshake.
+    ScriptLoad,
     /// A SUBSCRIBE or UNSUBSCRIBE: answered by one push confirmation per channel, or by one
     /// error for the whole command (an ACL that denies one channel refuses them all). Tracked
     /// so such an error is not taken for the reply to the next command.
@@ -123,6 +131,12 @@ pub enum RedisEvent {
     /// The node is no longer subscribed to these channels (a shard's link went down, or the
     /// channels' slots are moving); the cluster subscribes them again where they live now.
     Lost { channels: Vec<Bytes> },
+    /// The reply to a [`RedisLink::call`] (an error reply, or the link lost before the reply,
+    /// is `Err`).
+    Reply {
+        tag: u64,
+        result: Result<BytesFrame, String>,
+    },
 }
 
 /// Why a publish was not sent.
@@ -358,13 +372,22 @@ impl RedisLink {
             self.attempt_failed(now, why);
         }
         for (pending, _) in self.pending.drain(..) {
-            if let Pending::Publish { ack: Some(ack), .. } = pending {
-                self.events.push_back(RedisEvent::Published {
-                    ack,
+            match pending {
+                Pending::Publish { ack: Some(ack), .. } => {
+                    self.events.push_back(RedisEvent::Published {
+                        ack,
+                        result: Err(format!(
+                            "redis unavailable: link lost before Redis acknowledged ({why})"
+                        )),
+                    })
+                }
+                Pending::Call { tag } => self.events.push_back(RedisEvent::Reply {
+                    tag,
                     result: Err(format!(
-                        "redis unavailable: link lost before Redis acknowledged ({why})"
+                        "redis unavailable: link lost before Redis answered ({why})"
                     )),
-                });
+                }),
+                _ => {}
             }
         }
         self.read_buf = BytesMut::new();
@@ -437,6 +460,15 @@ impl RedisLink {
         }
         hello.extend([&b"SETNAME"[..], b"fanout"]);
         self.command(&hello, Pending::Hello, now);
+        // Loaded before anything else is sent on this connection, so every EVALSHA after the
+        // handshake finds its script, on a Redis restarted empty too.
+        for script in scripts::ALL.iter() {
+            self.command(
+                &[b"SCRIPT", b"LOAD", script.body.as_bytes()],
+                Pending::ScriptLoad,
+                now,
+            );
+        }
         if self.url.db != 0 {
             let db = self.url.db.to_string();
             self.command(&[b"SELECT", db.as_bytes()], Pending::Select, now);
@@ -495,8 +527,15 @@ impl RedisLink {
 
     fn on_frame(&mut self, frame: BytesFrame, now: Instant) -> Result<(), String> {
         let is_push = matches!(frame, BytesFrame::Push { .. });
-        if !is_push && matches!(self.pending.front(), Some((Pending::Topology, _))) {
-            self.pending.pop_front();
+        if !is_push
+            && matches!(
+                self.pending.front(),
+                Some((Pending::Topology | Pending::Call { .. }, _))
+            )
+        {
+            let Some((pending, _)) = self.pending.pop_front() else {
+                unreachable!("front checked above");
+            };
             let reply = match frame {
                 BytesFrame::SimpleError { data, .. } => Err(data.to_string()),
                 BytesFrame::BlobError { data, .. } => {
@@ -504,7 +543,10 @@ impl RedisLink {
                 }
                 other => Ok(other),
             };
-            self.events.push_back(RedisEvent::Topology(reply));
+            self.events.push_back(match pending {
+                Pending::Call { tag } => RedisEvent::Reply { tag, result: reply },
+                _ => RedisEvent::Topology(reply),
+            });
             return Ok(());
         }
         match frame {
@@ -693,7 +735,13 @@ impl RedisLink {
                 ))
             }
             (Pending::Ping, Err(e)) => return Err(format!("PING refused: {e}")),
-            (Pending::Topology, _) => unreachable!("topology replies are taken in on_frame"),
+            (Pending::Topology | Pending::Call { .. }, _) => {
+                unreachable!("topology and call replies are taken in on_frame")
+            }
+            (Pending::ScriptLoad, Err(e)) => log::warn!(
+                "redis: SCRIPT LOAD refused ({e}); channels with history cannot be published or read"
+            ),
+            (Pending::ScriptLoad, Ok(())) => {}
             (Pending::Ping, Ok(())) => {}
             (Pending::Hello | Pending::Select, Ok(())) => {
                 let waiting_handshake = self
@@ -763,6 +811,28 @@ impl RedisLink {
         );
         self.pending
             .push_back((Pending::Publish { ack, resend }, now));
+        self.flush(registry, now);
+        Ok(())
+    }
+
+    /// Sends any command (`args`, keys and channels already prefixed by the caller: see
+    /// [`RedisLink::redis_name`]); its reply comes back as [`RedisEvent::Reply`] with `tag`.
+    /// Refused while the link is down or its backlog is full, like a publish.
+    pub fn call(
+        &mut self,
+        args: impl Iterator<Item = Bytes>,
+        tag: u64,
+        registry: &Registry,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        if !self.is_up() {
+            return Err(Refused::Down);
+        }
+        if self.write_buf.len() > MAX_BACKLOG {
+            return Err(Refused::Backlog);
+        }
+        encode_command(&mut self.write_buf, args);
+        self.pending.push_back((Pending::Call { tag }, now));
         self.flush(registry, now);
         Ok(())
     }
@@ -838,7 +908,8 @@ impl RedisLink {
         ));
     }
 
-    fn redis_name(&self, channel: &[u8]) -> Bytes {
+    /// The Redis name of a fanout channel: the `--redis-prefix` added.
+    pub fn redis_name(&self, channel: &[u8]) -> Bytes {
         if self.prefix.is_empty() {
             Bytes::copy_from_slice(channel)
         } else {

@@ -40,6 +40,51 @@ pub fn key_slot(name: &[u8]) -> u16 {
     crc16(hashed) % SLOTS as u16
 }
 
+/// A key in the same hash slot as the channel (or key) `name`, named after it: `name` plus
+/// `suffix`. Keys a Lua script touches together with a shard channel must share its slot; with
+/// one Redis it does not matter, and the same names are used.
+///
+/// - `name` has a hash tag: appending keeps it (`{room}x` -> `{room}x:suffix`).
+/// - otherwise, if `name` holds no `}`, the whole name becomes the tag (`room` -> `{room}:suffix`).
+/// - otherwise (a `}` with no tag before it, as in `a}b`) no tag can quote the name, so a short
+///   tag with the same slot is searched for (`{1f3}a}b:suffix`).
+pub fn key_beside(name: &[u8], suffix: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + suffix.len() + 8);
+    if has_tag(name) {
+        key.extend_from_slice(name);
+    } else if !name.is_empty() && !name.contains(&b'}') {
+        key.push(b'{');
+        key.extend_from_slice(name);
+        key.push(b'}');
+    } else {
+        key.push(b'{');
+        key.extend_from_slice(tag_for_slot(key_slot(name)).as_bytes());
+        key.push(b'}');
+        key.extend_from_slice(name);
+    }
+    key.extend_from_slice(suffix.as_bytes());
+    key
+}
+
+/// Whether `name` has a non-empty hash tag (so only the tag is hashed).
+fn has_tag(name: &[u8]) -> bool {
+    name.iter().position(|&b| b == b'{').is_some_and(|open| {
+        name[open + 1..]
+            .iter()
+            .position(|&b| b == b'}')
+            .is_some_and(|len| len > 0)
+    })
+}
+
+/// The first hexadecimal number whose CRC16 falls in `slot`. Every slot has one below 2^20
+/// (checked by a test); about 16384 tries on average, only for names no tag can quote.
+fn tag_for_slot(slot: u16) -> String {
+    (0u32..1 << 20)
+        .map(|i| format!("{i:x}"))
+        .find(|t| key_slot(t.as_bytes()) == slot)
+        .unwrap_or_default()
+}
+
 /// One shard's master as `CLUSTER SHARDS` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardInfo {
@@ -287,5 +332,41 @@ mod tests {
         assert_eq!(parse_moved("MOVED 99999 127.0.0.1:1"), None);
         assert_eq!(parse_moved("ASK 1 127.0.0.1:1"), None);
         assert_eq!(parse_moved("MOVED x"), None);
+    }
+
+    #[test]
+    fn a_key_beside_a_channel_shares_its_slot() {
+        for name in [
+            &b"room"[..],
+            b"fanout:room",
+            b"{tag}rest",
+            b"pre{tag}post{x}",
+            b"a}b",
+            b"x{}y",
+            b"{}",
+            b"}",
+            b"{",
+            b"",
+            b"user:#42",
+        ] {
+            let key = key_beside(name, ":history");
+            assert_eq!(
+                key_slot(&key),
+                key_slot(name),
+                "{:?} -> {:?}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(&key)
+            );
+            assert!(key.ends_with(b":history"));
+        }
+    }
+
+    #[test]
+    fn every_slot_has_a_short_tag() {
+        let mut seen = vec![false; SLOTS];
+        for i in 0u32..1 << 20 {
+            seen[usize::from(key_slot(format!("{i:x}").as_bytes()))] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
     }
 }

@@ -153,6 +153,35 @@ impl Upstream {
         }
     }
 
+    /// Sends any command; its reply comes back as [`RedisEvent::Reply`] with `tag`. `channel`
+    /// routes it in a cluster: every key in `args` must share that channel's slot.
+    pub fn call(
+        &mut self,
+        channel: &[u8],
+        args: impl Iterator<Item = Bytes>,
+        tag: u64,
+        registry: &Registry,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        match self {
+            Upstream::Single(link) => link.call(args, tag, registry, now),
+            Upstream::Cluster(c) => c.call(channel, args, tag, registry, now),
+        }
+    }
+
+    /// The Redis name of a fanout channel (the `--redis-prefix` added).
+    pub fn redis_name(&self, channel: &[u8]) -> Bytes {
+        match self {
+            Upstream::Single(link) => link.redis_name(channel),
+            Upstream::Cluster(c) => c.redis_name(channel),
+        }
+    }
+
+    /// Whether this is a Redis Cluster (sharded Pub/Sub: SPUBLISH).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Upstream::Cluster(_))
+    }
+
     pub fn next_event(&mut self) -> Option<RedisEvent> {
         match self {
             Upstream::Single(link) => link.events.pop_front(),

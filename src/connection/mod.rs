@@ -62,6 +62,23 @@ pub enum Action {
     Subscribe {
         channel: String,
         id: Option<Box<str>>,
+        /// Recover from here (channels with history).
+        since: Option<crate::protocol::Position>,
+        /// Also deliver join and leave events (channels with presence).
+        presence_events: bool,
+    },
+    History {
+        channel: String,
+        limit: usize,
+        id: Option<Box<str>>,
+    },
+    Presence {
+        channel: String,
+        id: Option<Box<str>>,
+    },
+    PresenceStats {
+        channel: String,
+        id: Option<Box<str>>,
     },
     Unsubscribe {
         channel: String,

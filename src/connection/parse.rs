@@ -298,7 +298,26 @@ impl Connection {
             Ok(req) => {
                 let id = req.id.map(Box::from);
                 Ok(match req.command {
-                    Command::Subscribe { channel } => Action::Subscribe {
+                    Command::Subscribe {
+                        channel,
+                        since,
+                        presence_events,
+                    } => Action::Subscribe {
+                        channel: channel.into_owned(),
+                        id,
+                        since,
+                        presence_events,
+                    },
+                    Command::History { channel, limit } => Action::History {
+                        channel: channel.into_owned(),
+                        limit,
+                        id,
+                    },
+                    Command::Presence { channel } => Action::Presence {
+                        channel: channel.into_owned(),
+                        id,
+                    },
+                    Command::PresenceStats { channel } => Action::PresenceStats {
                         channel: channel.into_owned(),
                         id,
                     },

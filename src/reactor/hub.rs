@@ -76,6 +76,8 @@ pub(super) struct Hub {
     /// the confirmation of the last one means Redis routes it to us.
     in_flight: HashMap<Bytes, u32>,
     words: usize,
+    /// Commands sent with a tag, awaiting their replies.
+    pub(super) calls: super::calls::Calls,
 }
 
 impl Hub {
@@ -98,6 +100,7 @@ impl Hub {
             channels,
             in_flight: HashMap::new(),
             words,
+            calls: Default::default(),
         }
     }
 
@@ -115,7 +118,7 @@ impl Reactor {
     }
 
     /// Tells whoever asked for a PUBLISH how it went: a reactor, or the server API.
-    fn send_ack(&self, ack: Ack, result: Result<(), String>) {
+    pub(super) fn send_ack(&self, ack: Ack, result: Result<(), String>) {
         match ack.to {
             AckTo::Reactor(r) => self.send_reply(r, Reply::Published { ack, result }),
             AckTo::Api => self.shared.api_reply(ApiReply::Published {
@@ -164,6 +167,12 @@ impl Reactor {
                 channel,
                 subscribe: false,
             } => self.hub_unsubscribe(reactor, channel),
+            Request::Read(to) => self.hub_read(to),
+            Request::Publish {
+                channel,
+                payload,
+                ack,
+            } if self.history_of(&channel).is_some() => self.hub_append(channel, payload, ack),
             Request::Publish {
                 channel,
                 payload,
@@ -416,6 +425,7 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();
+                    let (offset, payload) = crate::broker::streams::unwrap_offset(payload);
                     let (from, payload) = crate::broker::origin::unwrap(payload);
                     if payload.len() > self.limits.max_message {
                         // Another Redis client published what no fanout client may send; passing it
@@ -425,10 +435,12 @@ impl Reactor {
                         continue;
                     }
                     let text = std::str::from_utf8(&payload).is_ok();
-                    let msg = Message::new(channel, &payload, text).with_from(from);
+                    let mut msg = Message::new(channel, &payload, text).with_from(from);
+                    msg.offset = offset;
                     self.hub_deliver(&msg);
                 }
                 RedisEvent::Published { ack, result } => self.send_ack(ack, result),
+                RedisEvent::Reply { tag, result } => self.on_call_reply(tag, result),
                 RedisEvent::Lost { channels } => self.hub_lost(channels),
                 // Handled inside the cluster's own links.
                 RedisEvent::Topology(_)

@@ -11,7 +11,9 @@
 //! a user's connections, list channels) in [`admin`].
 
 mod admin;
+mod calls;
 mod conns;
+mod history;
 mod hub;
 mod pubsub;
 mod routes;

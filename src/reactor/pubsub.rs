@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::Reactor;
-use crate::broker::bus::{Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
+use crate::broker::bus::{Delivery, Reply, Request, MAILBOX_CAPACITY, MAX_AWAITED};
 use crate::broker::channels::{Subscriber, Subscription};
 use crate::broker::redis::{Ack, AckTo};
 use crate::broker::{self, Compression, Message};
@@ -72,11 +72,11 @@ pub(super) struct Uplink {
     /// never holds more entries than channels.
     deferred: HashMap<Bytes, bool>,
     /// Replies the Redis reactor owes this reactor (see `bus::MAX_AWAITED`).
-    awaited: usize,
+    pub(super) awaited: usize,
 }
 
 impl Reactor {
-    fn redis_mode(&self) -> bool {
+    pub(super) fn redis_mode(&self) -> bool {
         self.shared.config.uses_redis()
     }
 
@@ -119,13 +119,37 @@ impl Reactor {
                     let msg = Message::from_frame(channel, frame, payload_at).with_from(from);
                     self.publish(key, msg, reply);
                 }
-                Action::Subscribe { channel, id } => match self.subscribe(key, &channel) {
-                    Ok(Subscribed::Now) => self.reply(key, id.as_deref(), Ok(())),
-                    Ok(Subscribed::Pending) => self.await_subscription(key, channel.as_bytes(), id),
-                    Err(e) => self.reply(key, id.as_deref(), Err(e)),
-                },
+                Action::Subscribe {
+                    channel,
+                    id,
+                    since,
+                    presence_events,
+                } => {
+                    let kept = self.history_of(channel.as_bytes());
+                    match self.subscribe(key, &channel, presence_events) {
+                        // The ok waits for the channel's history position (reactor::history),
+                        // which also means the node is subscribed.
+                        Ok(_) if kept.is_some() => {
+                            if let Some(keep) = kept {
+                                self.subscribe_kept(key, &channel, id, since, keep);
+                            }
+                        }
+                        Ok(Subscribed::Now) => self.reply(key, id.as_deref(), Ok(())),
+                        Ok(Subscribed::Pending) => {
+                            self.await_subscription(key, channel.as_bytes(), id)
+                        }
+                        Err(e) => self.reply(key, id.as_deref(), Err(e)),
+                    }
+                }
+                Action::History { channel, limit, id } => {
+                    self.history_command(key, &channel, id, limit)
+                }
+                Action::Presence { channel, id } | Action::PresenceStats { channel, id } => {
+                    let why = format!("presence is off for channel {channel:?}");
+                    self.reply(key, id.as_deref(), Err(why));
+                }
                 Action::Unsubscribe { channel, id } => {
-                    self.unsubscribe(key, channel.as_bytes());
+                    self.unsubscribe_channel(key, channel.as_bytes());
                     self.reply(key, id.as_deref(), Ok(()));
                 }
                 Action::Refresh { token, id } => {
@@ -192,7 +216,12 @@ impl Reactor {
 
     /// Subscribes a connection locally (telling the Redis reactor when the channel is new on
     /// this reactor); says whether the node's Redis subscription is already confirmed.
-    pub(super) fn subscribe(&mut self, key: usize, name: &str) -> Result<Subscribed, String> {
+    pub(super) fn subscribe(
+        &mut self,
+        key: usize,
+        name: &str,
+        presence_events: bool,
+    ) -> Result<Subscribed, String> {
         let max = self.shared.config.max_subscriptions;
         let Some(conn) = self.conns.open(key) else {
             return Err("connection is closing".into());
@@ -213,6 +242,8 @@ impl Reactor {
             conn: key,
             json: conn.is_json(),
             deflate: conn.deflate(),
+            presence_events: presence_events && conn.is_json(),
+            waiting: false,
         };
         let (sub, first) = self.channels.subscribe_as(name.as_bytes(), subscriber);
         if let Err(sub) = conn.add_subscription(sub, max) {
@@ -254,7 +285,7 @@ impl Reactor {
         }
     }
 
-    fn unsubscribe(&mut self, key: usize, name: &[u8]) {
+    pub(super) fn unsubscribe_channel(&mut self, key: usize, name: &[u8]) {
         let Some(id) = self.channels.id(name) else {
             return;
         };
@@ -390,10 +421,14 @@ impl Reactor {
             }
             return;
         }
-        self.deliver(&msg);
-        for (i, peer) in self.shared.reactors.iter().enumerate() {
-            if i != self.index {
-                peer.mailbox.deliver(msg.clone());
+        if let Some(keep) = self.history_of(&msg.channel) {
+            self.publish_kept(msg, keep);
+        } else {
+            self.deliver(&msg);
+            for (i, peer) in self.shared.reactors.iter().enumerate() {
+                if i != self.index {
+                    peer.mailbox.deliver(msg.clone());
+                }
             }
         }
         if let Some(id) = reply {
@@ -471,10 +506,16 @@ impl Reactor {
         let mut more = false;
         let mut left = DRAIN_BATCH;
         while left > 0 {
-            let Ok(msg) = self.inbox.messages.try_recv() else {
-                break;
-            };
-            self.deliver(&msg);
+            match self.inbox.messages.try_recv() {
+                Ok(Delivery::Message(msg)) => self.deliver(&msg),
+                Ok(Delivery::Read(done)) => {
+                    if self.redis_mode() {
+                        self.uplink.awaited = self.uplink.awaited.saturating_sub(1);
+                    }
+                    self.on_read_done(*done)
+                }
+                Err(_) => break,
+            }
             left -= 1;
         }
         more |= left == 0;
@@ -519,6 +560,9 @@ impl Reactor {
                 }
             }
             Reply::Subscribed { channel, result } => self.settle(channel, result),
+            Reply::ReadFailed(to) => {
+                self.read_failed(*to, "server busy: this reactor's queue is full")
+            }
         }
     }
 
@@ -542,7 +586,7 @@ impl Reactor {
                 continue;
             }
             if result.is_err() {
-                self.unsubscribe(w.conn, &channel);
+                self.unsubscribe_channel(w.conn, &channel);
             }
             self.reply(w.conn, w.id.as_deref(), result.clone());
         }

@@ -207,7 +207,7 @@ impl Reactor {
         if let Some(channel) = up.channel {
             // The first subscription of a fresh connection is always within the limit, so a
             // refusal is the namespace's rule: a JSON client is told, a raw one closed (4003).
-            if let Err(why) = self.subscribe(key, &channel) {
+            if let Err(why) = self.subscribe(key, &channel, false) {
                 if up.json {
                     self.reply(key, None, Err(why));
                 } else {
