@@ -329,6 +329,20 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
     out
 }
 
+/// The standalone history store's gauges and its eviction counter (`--history-max-bytes`).
+pub fn render_history(bytes: usize, messages: usize, channels: usize, evicted: u64) -> String {
+    format!(
+        "# HELP fanout_history_bytes Bytes of channel history kept in memory (standalone), against --history-max-bytes.\n\
+         # TYPE fanout_history_bytes gauge\nfanout_history_bytes {bytes}\n\
+         # HELP fanout_history_messages Messages of channel history kept in memory (standalone).\n\
+         # TYPE fanout_history_messages gauge\nfanout_history_messages {messages}\n\
+         # HELP fanout_history_channels Channels with history kept in memory (standalone).\n\
+         # TYPE fanout_history_channels gauge\nfanout_history_channels {channels}\n\
+         # HELP fanout_history_evicted_total Messages dropped from history to stay under --history-max-bytes.\n\
+         # TYPE fanout_history_evicted_total counter\nfanout_history_evicted_total {evicted}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,7 +119,7 @@ impl Shared {
 
     pub fn render_metrics(&self) -> String {
         let all: Vec<&ReactorMetrics> = self.reactors.iter().map(|r| &*r.metrics).collect();
-        metrics::render(
+        let mut text = metrics::render(
             &all,
             if !self.config.redis_cluster.is_empty() {
                 metrics::RedisKind::Cluster
@@ -129,7 +129,18 @@ impl Shared {
                 metrics::RedisKind::None
             },
             self.draining.load(Ordering::Acquire),
-        )
+        );
+        if !self.config.uses_redis() {
+            let s = self
+                .history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stats();
+            text.push_str(&metrics::render_history(
+                s.bytes, s.messages, s.channels, s.evicted,
+            ));
+        }
+        text
     }
 
     /// The Redis addresses the supervisor last resolved, in the order given (a lock taken only

@@ -1,7 +1,8 @@
 //! Time-driven work of a reactor: the Redis link's retries (and interest changes a full queue to
 //! the Redis reactor did not take), resuming accepts after EMFILE, the
-//! sweep that pings silent clients and ends idle or stalled ones, the graceful drain, and log
-//! lines that are rate-limited so a flood cannot flood the log.
+//! sweep that pings silent clients and ends idle or stalled ones (and, standalone, expires
+//! channel history), the graceful drain, and log lines that are rate-limited so a flood cannot
+//! flood the log.
 //!
 //! The drain costs what is due: the connections to close are listed once when it starts and each
 //! step closes the next batch from that list, rather than scanning every connection per tick.
@@ -84,6 +85,15 @@ impl Reactor {
         if now_ms >= self.timers.next_sweep_ms {
             self.timers.next_sweep_ms = now_ms + self.timers.sweep_every_ms;
             self.sweep();
+            if self.index == 0 && !self.redis_mode() {
+                // Standalone history: channels past their TTL go (one reactor is enough).
+                let mut history = self
+                    .shared
+                    .history
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                history.expire(self.clock.now);
+            }
         }
     }
 

@@ -958,3 +958,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/PID/status")
 }
+
+/// A configuration file (`--config`) written for one test, removed when dropped.
+pub struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    /// Writes `toml` to a file named after the test and the process.
+    pub fn new(test: &str, toml: &str) -> ConfigFile {
+        let path =
+            std::env::temp_dir().join(format!("fanout-test-{}-{test}.toml", std::process::id()));
+        std::fs::write(&path, toml).expect("writing a configuration file");
+        ConfigFile(path)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("temporary paths are UTF-8 here")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
