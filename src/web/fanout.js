@@ -50,6 +50,12 @@ export function backoffDelay(attempt, { baseDelay = DEFAULTS.baseDelay, maxDelay
 /** Close codes fanout uses (README, "Close codes"). */
 export const CLOSE = Object.freeze({ TOKEN_EXPIRED: 4001, DISCONNECTED: 4002, FORBIDDEN: 4003 });
 
+// Subscribe errors that asking again cannot fix: a namespace rule, a bad name, the limit of
+// channels per connection. Any other error reply to a subscribe (history unavailable while the
+// node's Redis link comes up, server busy) is retried with backoff, because dropping the
+// subscription would silently lose the channel for good.
+const REFUSAL = /^(forbidden|channel name|subscription limit|subscription refused|invalid|unknown|expected|missing)/i;
+
 /** Why a request failed: `code` is "server" (an error reply), "disconnected" or "timeout". */
 export class FanoutError extends Error {
   constructor(message, code, reply) {
@@ -126,7 +132,7 @@ class Client {
   /**
    * Subscribes to `channel` (one subscription per channel per client) and keeps it across
    * reconnects. Handlers: onMessage(msg), onSubscribed(info), onGap(info), onJoin(p), onLeave(p),
-   * onError(err). Options: presenceEvents (join/leave events), since ({offset, epoch} saved by
+   * onError(err) (err.retrying: false when refused for good, true when it will ask again). Options: presenceEvents (join/leave events), since ({offset, epoch} saved by
    * the application, to recover from there on the first subscribe too).
    */
   subscribe(channel, handlers = {}) {
@@ -300,9 +306,24 @@ class Client {
     const since = sub._since();
     if (since) req.since = since;
     sub._state = "subscribing";
+    const ws = this.#ws;
     this.#request(req).then(
-      (reply) => sub._subscribed(reply, since),
-      (err) => { if (err.code === "server") { this.#subs.delete(sub.channel); sub._refused(err); } },
+      (reply) => { sub._failures = 0; sub._subscribed(reply, since); },
+      (err) => {
+        // Lost with the connection: the next connection subscribes again anyway.
+        if (err.code !== "server" || this.#subs.get(sub.channel) !== sub) return;
+        err.retrying = !REFUSAL.test(err.message);
+        if (!err.retrying) {
+          this.#subs.delete(sub.channel);
+          return sub._refused(err);
+        }
+        const delay = backoffDelay(sub._failures++, this.#opts);
+        clearTimeout(sub._retryTimer);
+        sub._retryTimer = setTimeout(() => {
+          if (this.#subs.get(sub.channel) === sub && this.#ws === ws && this.#state === "open") this.#sendSubscribe(sub);
+        }, delay);
+        sub._call("onError", err);
+      },
     );
   }
 
@@ -366,6 +387,8 @@ class Subscription {
     this._handlers = handlers;
     this._state = "subscribing";
     this._subscribedOnce = false;
+    this._failures = 0;      // error replies to subscribe in a row, for the retry's backoff
+    this._retryTimer = null;
     this.ready = new Promise((resolve, reject) => { this._resolve = resolve; this._reject = reject; });
     // A caller that only uses the handlers must not see an unhandled rejection.
     this.ready.catch(() => {});
@@ -377,6 +400,7 @@ class Subscription {
   /** Leaves the channel; resolves on the server's ok (at once when not connected). */
   unsubscribe() {
     this._state = "unsubscribed";
+    clearTimeout(this._retryTimer);
     return this._client._forget(this);
   }
 
