@@ -342,28 +342,48 @@ pub struct Kept<'a> {
 
 /// The JSON object `{"channel","epoch","offset","messages":[...]}` of a history answer, oldest
 /// message first, without the closing brace (the WebSocket reply and the server API add their
-/// own fields).
+/// own fields). Past `max_bytes` the oldest messages are left out and `"truncated":true` says
+/// so: what one command can make the server build is bounded by the client's queue.
 pub fn history_body<'a>(
     out: &mut Vec<u8>,
     channel: &[u8],
     epoch: &str,
     top: u64,
-    messages: impl Iterator<Item = Kept<'a>>,
+    messages: impl DoubleEndedIterator<Item = Kept<'a>>,
+    max_bytes: usize,
 ) {
     out.extend_from_slice(b"\"channel\":\"");
     out.extend_from_slice(channel);
     out.extend_from_slice(b"\",\"epoch\":");
     serde_json::to_writer(&mut *out, epoch).expect("writing a str to a Vec cannot fail");
     out.extend_from_slice(format!(",\"offset\":{top},\"messages\":[").as_bytes());
-    for (i, m) in messages.enumerate() {
+    // Newest first into a side buffer, so the budget drops the oldest; then turned around.
+    let start = out.len();
+    let mut items: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut truncated = false;
+    let mut tail = Vec::new();
+    for m in messages.rev() {
+        let at = tail.len();
+        tail.push(b'{');
+        push_message_fields(&mut tail, m.payload, m.from, m.offset);
+        tail.push(b'}');
+        if start + tail.len() + items.len() > max_bytes {
+            tail.truncate(at);
+            truncated = true;
+            break;
+        }
+        items.push(at..tail.len());
+    }
+    for (i, range) in items.into_iter().rev().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.push(b'{');
-        push_message_fields(out, m.payload, m.from, m.offset);
-        out.push(b'}');
+        out.extend_from_slice(&tail[range]);
     }
     out.push(b']');
+    if truncated {
+        out.extend_from_slice(b",\"truncated\":true");
+    }
 }
 
 /// `{"op":"history","id":N,"channel":...,"epoch":...,"offset":...,"messages":[...]}`.
@@ -372,14 +392,15 @@ pub fn history_reply<'a>(
     channel: &[u8],
     epoch: &str,
     top: u64,
-    messages: impl Iterator<Item = Kept<'a>>,
+    messages: impl DoubleEndedIterator<Item = Kept<'a>>,
+    max_bytes: usize,
     scratch: &mut Vec<u8>,
 ) -> Bytes {
     scratch.clear();
     scratch.extend_from_slice(b"{\"op\":\"history\"");
     push_id(scratch, id);
     scratch.push(b',');
-    history_body(scratch, channel, epoch, top, messages);
+    history_body(scratch, channel, epoch, top, messages, max_bytes);
     scratch.push(b'}');
     encode(OpCode::Text, scratch)
 }
@@ -567,6 +588,31 @@ mod tests {
             body(&e),
             r#"{"op":"message","channel":"c","data":"/wAQ","encoding":"base64"}"#
         );
+    }
+
+    #[test]
+    fn a_history_answer_over_its_budget_keeps_the_newest() {
+        let payloads: Vec<String> = (1..=100).map(|i| format!("message {i:03}")).collect();
+        let kept = || {
+            payloads.iter().enumerate().map(|(i, p)| Kept {
+                offset: i as u64 + 1,
+                payload: p.as_bytes(),
+                from: None,
+            })
+        };
+        let mut scratch = Vec::new();
+        let whole = history_reply(Some("1"), b"c", "e", 100, kept(), usize::MAX, &mut scratch);
+        let v: serde_json::Value = serde_json::from_str(body(&whole)).unwrap();
+        assert_eq!(v["messages"].as_array().unwrap().len(), 100);
+        assert!(v.get("truncated").is_none());
+        let cut = history_reply(Some("1"), b"c", "e", 100, kept(), 600, &mut scratch);
+        assert!(body(&cut).len() <= 700, "{}", body(&cut).len());
+        let v: serde_json::Value = serde_json::from_str(body(&cut)).unwrap();
+        assert_eq!(v["truncated"], true);
+        let messages = v["messages"].as_array().unwrap();
+        assert!(!messages.is_empty() && messages.len() < 100);
+        assert_eq!(messages.last().unwrap()["offset"], 100, "the newest stay");
+        assert_eq!(messages.last().unwrap()["data"], "message 100");
     }
 
     #[test]

@@ -203,6 +203,8 @@ impl Reactor {
                         &page.epoch,
                         page.top,
                         kept,
+                        // Half the queue: the reply fits a client that keeps up.
+                        self.limits.max_queue / 2,
                         &mut self.scratch,
                     );
                     self.send_frame(to.conn, frame);
