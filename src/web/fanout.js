@@ -132,8 +132,9 @@ class Client {
   /**
    * Subscribes to `channel` (one subscription per channel per client) and keeps it across
    * reconnects. Handlers: onMessage(msg), onSubscribed(info), onGap(info), onJoin(p), onLeave(p),
-   * onError(err) (err.retrying: false when refused for good, true when it will ask again). Options: presenceEvents (join/leave events), since ({offset, epoch} saved by
-   * the application, to recover from there on the first subscribe too).
+   * onError(err) (err.retrying: false when refused for good, true when it will ask again).
+   * Options: presenceEvents (join/leave events), since ({offset, epoch} saved by the
+   * application, to recover from there on the first subscribe too).
    */
   subscribe(channel, handlers = {}) {
     if (this.#stopped) throw new FanoutError("client is closed", "closed");
@@ -168,8 +169,11 @@ class Client {
     const next = token ?? (this.#opts.getToken ? await this.#opts.getToken() : null);
     if (!next) throw new FanoutError("no token to refresh with", "no-token");
     const reply = await this.#request({ op: "refresh", token: next });
+    const before = this.#token ? tokenExpiry(this.#token) : null;
     this.#token = next;
-    this.#scheduleRefresh();
+    // Only a token that lives longer is worth scheduling again: getToken handing back the same
+    // one must not turn into a refresh every second.
+    if (before === null || (tokenExpiry(next) ?? 0) > before) this.#scheduleRefresh();
     return reply;
   }
 
@@ -292,7 +296,8 @@ class Client {
     clearTimeout(this.#refreshTimer);
     const exp = this.#opts.getToken && this.#token ? tokenExpiry(this.#token) : null;
     if (exp === null) return;
-    const wait = Math.max(1000, exp - Date.now() - this.#opts.refreshLead);
+    // setTimeout takes at most 2^31-1 ms (24.8 days) and fires at once beyond that.
+    const wait = Math.min(2 ** 31 - 1, Math.max(1000, exp - Date.now() - this.#opts.refreshLead));
     this.#refreshTimer = setTimeout(() => {
       // A failed refresh is not fatal: at worst the server closes with 4001 and the reconnect
       // fetches a new token anyway.
