@@ -891,6 +891,17 @@ try {
     }
     if ((await d.$$("[data-testid=notice], [data-testid=gap]")).length) throw new Error("D shows a notice");
     if ((await texts(d)).join("|") !== "no history here") throw new Error(`D shows ${await texts(d)}`);
+    // Another restart: nothing can be recovered on a channel without history, and D says so
+    // (once, in the channel) instead of pretending nothing was missed.
+    const again = n3.addr;
+    await stop(n3.child);
+    await waitFor("D to show it is offline", async () => (await connState(d)) === "closed");
+    n3 = await startNode("node3-no-config-again", again, { config: false });
+    await waitOpen(d, 30000);
+    const notes = await waitFor("D's notice", async () => { const n = await d.$$eval("[data-testid=notice]", (els) => els.map((e) => e.textContent)); return n.length ? n : null; });
+    if (notes.length !== 1 || !/keeps no history/.test(notes[0])) throw new Error(`D shows notices ${JSON.stringify(notes)}`);
+    const resub = parsed(dFrames.sent).filter((m) => m.op === "subscribe" && m.channel === "gap1");
+    if (resub.length !== 2 || resub.some((m) => m.since)) throw new Error(`D subscribed with ${JSON.stringify(resub)}`);
     await d.context().close();
   });
   await c.context().close();
