@@ -120,6 +120,12 @@ pub struct ReactorMetrics {
     pub publishes_dropped: Counter,
     /// Messages another reactor could not queue to this one because its mailbox was full.
     pub bus_dropped: Counter,
+    // Presence (reactor::presence):
+    /// Members that joined / left on this reactor (members now: the difference).
+    pub presence_joins: Counter,
+    pub presence_leaves: Counter,
+    /// Channels whose members the node wrote to Redis again as a whole (the Redis reactor).
+    pub presence_resyncs: Counter,
     http: [Counter; STATUSES.len() + 1],
 }
 
@@ -291,6 +297,38 @@ pub fn render(reactors: &[&ReactorMetrics], redis: RedisKind, draining: bool) ->
             sum(&|m| m.redis_cluster_refreshes.get()),
         );
     }
+    // Presence (reactor::presence).
+    let (joins, leaves) = (
+        sum(&|m| m.presence_joins.get()),
+        sum(&|m| m.presence_leaves.get()),
+    );
+    metric(
+        "fanout_presence_members",
+        "gauge",
+        "Presence members on this node: subscriptions to channels of namespaces with presence.",
+        joins.saturating_sub(leaves),
+    );
+    metric(
+        "fanout_presence_joins_total",
+        "counter",
+        "Presence members that joined on this node.",
+        joins,
+    );
+    metric(
+        "fanout_presence_leaves_total",
+        "counter",
+        "Presence members that left on this node.",
+        leaves,
+    );
+    if redis_enabled {
+        metric(
+            "fanout_presence_resyncs_total",
+            "counter",
+            "Channels whose presence members this node wrote to Redis again as a whole (Redis lost them, the node was dropped as stale, or a change could not be sent).",
+            sum(&|m| m.presence_resyncs.get()),
+        );
+    }
+    // End of presence.
     metric(
         "fanout_draining",
         "gauge",

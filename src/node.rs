@@ -52,6 +52,9 @@ pub struct Shared {
     pub api: Option<ApiMailbox>,
     /// Channel history of a standalone node (with Redis, history lives in Redis).
     pub history: Mutex<History>,
+    /// Presence: every member of a standalone node, or this node's members and the changes
+    /// its Redis reactor has yet to send (`broker::presence`).
+    pub presence: crate::broker::presence::Store,
 }
 
 impl Shared {
@@ -67,6 +70,7 @@ impl Shared {
             })
             .collect();
         let history = Mutex::new(History::new(config.history_max_bytes));
+        let presence = crate::broker::presence::Store::new(config.uses_redis());
         Shared {
             config,
             reactors,
@@ -80,6 +84,7 @@ impl Shared {
             started: Instant::now(),
             api: None,
             history,
+            presence,
         }
     }
 

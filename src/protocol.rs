@@ -405,6 +405,51 @@ pub fn history_reply<'a>(
     encode(OpCode::Text, scratch)
 }
 
+// --- Presence replies (reactor::presence) ----------------------------------------------
+
+/// `{"op":"presence","id":N,"channel":"c","clients":[...]}` with `"truncated":true` when the
+/// channel has more clients than listed. `members` are member JSON objects
+/// (`broker::presence::member_json`).
+pub fn presence_reply<'a>(
+    id: Option<&str>,
+    channel: &[u8],
+    members: impl Iterator<Item = &'a [u8]>,
+    truncated: bool,
+    scratch: &mut Vec<u8>,
+) -> Bytes {
+    scratch.clear();
+    scratch.extend_from_slice(b"{\"op\":\"presence\"");
+    push_id(scratch, id);
+    scratch.extend_from_slice(b",\"channel\":\"");
+    scratch.extend_from_slice(channel);
+    scratch.extend_from_slice(b"\",\"clients\":[");
+    for (i, m) in members.enumerate() {
+        if i > 0 {
+            scratch.push(b',');
+        }
+        scratch.extend_from_slice(m);
+    }
+    scratch.push(b']');
+    if truncated {
+        scratch.extend_from_slice(b",\"truncated\":true");
+    }
+    scratch.push(b'}');
+    encode(OpCode::Text, scratch)
+}
+
+/// `{"op":"presence_stats","id":N,"channel":"c","clients":N,"users":M}`.
+pub fn presence_stats_reply(id: Option<&str>, channel: &[u8], clients: u64, users: u64) -> Bytes {
+    let mut body = Vec::with_capacity(80 + channel.len());
+    body.extend_from_slice(b"{\"op\":\"presence_stats\"");
+    push_id(&mut body, id);
+    body.extend_from_slice(b",\"channel\":\"");
+    body.extend_from_slice(channel);
+    body.extend_from_slice(format!("\",\"clients\":{clients},\"users\":{users}}}").as_bytes());
+    encode(OpCode::Text, &body)
+}
+
+// --- End of presence replies ------------------------------------------------------------
+
 fn is_json(payload: &[u8]) -> bool {
     // Skipping into IgnoredAny does not check that string contents are UTF-8, and the envelope
     // goes out as a text frame: invalid UTF-8 in it makes browsers drop the connection (1007).

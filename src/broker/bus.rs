@@ -111,6 +111,9 @@ pub enum Request {
     /// Read a channel's history; answered with a [`Delivery::Read`] in the asking reactor's
     /// message queue (or, when that is full, [`Reply::ReadFailed`]).
     Read(Box<ReadFor>),
+    /// A `presence` or `presence_stats` command (`reactor::presence`); answered with
+    /// [`Reply::Presence`].
+    Presence(Box<super::presence::Ask>),
 }
 
 /// What the Redis reactor answers.
@@ -130,6 +133,8 @@ pub enum Reply {
     },
     /// A history read could not be answered in the message queue (it was full).
     ReadFailed(Box<ReadFor>),
+    /// The reply frame to a [`Request::Presence`].
+    Presence(Box<super::presence::Answer>),
 }
 
 /// What one thread asks of a reactor besides delivering messages.

@@ -413,6 +413,20 @@ impl RedisCluster {
                     log::warn!("redis cluster: CLUSTER SHARDS refused: {e}");
                     self.refresh_soon(now);
                 }
+                RedisEvent::Reply {
+                    tag,
+                    result: Err(e),
+                } if is_redirect(&e) => {
+                    // A call is not resent (its caller holds no copy to resend): it fails, and
+                    // the map is mended so the next one goes to the right master.
+                    if let Some((slot, addr)) = slots::parse_moved(&e) {
+                        self.moved += 1;
+                        self.redirect(slot, addr);
+                    }
+                    self.refresh_soon(now);
+                    let result = Err(format!("the slot is moving, try again ({e})"));
+                    self.events.push_back(RedisEvent::Reply { tag, result });
+                }
                 other @ (RedisEvent::Message { .. }
                 | RedisEvent::Published { .. }
                 | RedisEvent::Reply { .. }) => self.events.push_back(other),

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod control;
 pub mod history;
 pub mod origin;
+pub mod presence;
 pub mod redis;
 pub mod scripts;
 pub mod slots;

@@ -108,8 +108,182 @@ return {epoch, top, entries}
     ])
 });
 
+// --- Presence (see `broker::presence` for the key layout) -------------------------------
+//
+// KEYS: members hash, nodes sorted set, users hash. ARGV: node id, TTL in ms, Redis channel,
+// `1` for SPUBLISH (a cluster), then the script's own. Times are the Redis server's (TIME),
+// so the nodes' clocks never matter. Every script first drops the nodes that stopped
+// refreshing (`clean`), with a leave event for each of their members.
+
+const PRESENCE_COMMON: &str = r#"
+local H, Z, U = KEYS[1], KEYS[2], KEYS[3]
+local node, ttl, chan, sharded = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function event(op, json)
+  local payload = '\0fanout-presence\0' .. op .. '\n' .. json
+  if sharded == '1' then
+    redis.call('SPUBLISH', chan, payload)
+  else
+    redis.call('PUBLISH', chan, payload)
+  end
+end
+local function user_of(json)
+  local ok, m = pcall(cjson.decode, json)
+  if ok and type(m) == 'table' and type(m.user) == 'string' then return m.user end
+  return nil
+end
+local function add(field, json)
+  if redis.call('HSET', H, field, json) == 1 then
+    local user = user_of(json)
+    if user then redis.call('HINCRBY', U, user, 1) end
+    return true
+  end
+  return false
+end
+local function del(field)
+  local json = redis.call('HGET', H, field)
+  if not json then return nil end
+  redis.call('HDEL', H, field)
+  local user = user_of(json)
+  if user and redis.call('HINCRBY', U, user, -1) <= 0 then redis.call('HDEL', U, user) end
+  return json
+end
+local function node_of(field)
+  return string.match(field, '^[^.]*')
+end
+local function clean(now)
+  local stale = redis.call('ZRANGEBYSCORE', Z, '-inf', '(' .. string.format('%d', now - ttl))
+  if #stale == 0 then return end
+  local dead = {}
+  for _, n in ipairs(stale) do
+    dead[n] = true
+    redis.call('ZREM', Z, n)
+  end
+  for _, f in ipairs(redis.call('HKEYS', H)) do
+    if dead[node_of(f)] then
+      local json = del(f)
+      if json then event('leave', json) end
+    end
+  end
+end
+local function keep(now)
+  local added = redis.call('ZADD', Z, string.format('%d', now), node)
+  redis.call('PEXPIRE', H, ttl)
+  redis.call('PEXPIRE', Z, ttl)
+  redis.call('PEXPIRE', U, ttl)
+  return added
+end
+local now = now_ms()
+clean(now)
+"#;
+
+/// A member joins. ARGV 5, 6: client id, member JSON. Returns 1 when the node was not among
+/// the channel's nodes (its other members may be gone: the node writes them again).
+pub static PRESENCE_JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&[
+        PRESENCE_COMMON,
+        r#"
+local fresh = add(ARGV[5], ARGV[6])
+local added = keep(now)
+if fresh then event('join', ARGV[6]) end
+return added
+"#,
+    ])
+});
+
+/// A member leaves. ARGV 5, 6: client id, `1` when it was the node's last in the channel.
+pub static PRESENCE_LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&[
+        PRESENCE_COMMON,
+        r#"
+local json = del(ARGV[5])
+if json then event('leave', json) end
+if ARGV[6] == '1' then
+  redis.call('ZREM', Z, node)
+else
+  keep(now)
+end
+return 0
+"#,
+    ])
+});
+
+/// The node is alive and still has members here. Returns 1 when it was not among the
+/// channel's nodes (Redis lost the keys, or the node was dropped as stale).
+pub static PRESENCE_REFRESH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[PRESENCE_COMMON, "return keep(now)\n"]));
+
+/// Writes the node's members again as a whole. ARGV 5...: client id, member JSON pairs.
+/// Members added get a join event, the node's members Redis had and the node does not a
+/// leave event.
+pub static PRESENCE_SYNC: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&[
+        PRESENCE_COMMON,
+        r#"
+local want = {}
+local any = false
+for i = 5, #ARGV - 1, 2 do
+  want[ARGV[i]] = ARGV[i + 1]
+  any = true
+end
+for _, f in ipairs(redis.call('HKEYS', H)) do
+  if node_of(f) == node and not want[f] then
+    local json = del(f)
+    if json then event('leave', json) end
+  end
+end
+for f, json in pairs(want) do
+  if add(f, json) then event('join', json) end
+end
+if not any then
+  redis.call('ZREM', Z, node)
+  return 0
+end
+keep(now)
+return 0
+"#,
+    ])
+});
+
+/// Reads a channel's presence. ARGV 5: the most members to list (0: counts only). Returns
+/// {clients, users, {member JSON, ...}}; a channel with more clients than listed gets a random
+/// sample of them (HRANDFIELD: the cost stays O(listed), not O(clients)).
+pub static PRESENCE_READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&[
+        PRESENCE_COMMON,
+        r#"
+local max = tonumber(ARGV[5])
+local clients = redis.call('HLEN', H)
+local users = redis.call('HLEN', U)
+local list = {}
+if max > 0 then
+  if clients <= max then
+    list = redis.call('HVALS', H)
+  else
+    local kv = redis.call('HRANDFIELD', H, max, 'WITHVALUES')
+    for i = 2, #kv, 2 do list[#list + 1] = kv[i] end
+  end
+end
+return {clients, users, list}
+"#,
+    ])
+});
+
 /// Every script, in the order the handshake loads them.
-pub static ALL: LazyLock<[&'static Script; 2]> = LazyLock::new(|| [&*PUBLISH, &*READ]);
+pub static ALL: LazyLock<[&'static Script; 7]> = LazyLock::new(|| {
+    [
+        &*PUBLISH,
+        &*READ,
+        &*PRESENCE_JOIN,
+        &*PRESENCE_LEAVE,
+        &*PRESENCE_REFRESH,
+        &*PRESENCE_SYNC,
+        &*PRESENCE_READ,
+    ]
+});
 
 #[cfg(test)]
 mod tests {

@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use redis_protocol::resp3::types::BytesFrame;
 
 use super::Reactor;
 use crate::broker::bus::ReadFor;
 use crate::broker::history::Range;
+use crate::broker::presence::Ask;
 use crate::broker::redis::Ack;
 
 /// What one command in flight was for.
@@ -22,6 +24,15 @@ pub(super) enum Call {
     Append { ack: Option<Ack> },
     /// The read script, for a client.
     Read { to: Box<ReadFor>, range: Range },
+    // Presence (reactor::presence):
+    /// A join or leave script.
+    PresenceChange { channel: Bytes, join: bool },
+    /// A channel's refresh.
+    PresenceRefresh { channel: Bytes },
+    /// The node's members of a channel, written again.
+    PresenceSync { channel: Bytes },
+    /// The read script of a `presence` or `presence_stats` command.
+    PresenceRead { ask: Box<Ask> },
 }
 
 #[derive(Default)]
@@ -53,6 +64,12 @@ impl Reactor {
         match call {
             Call::Append { ack } => self.on_append_reply(ack, result),
             Call::Read { to, range } => self.on_read_reply(*to, range, result),
+            Call::PresenceChange { channel, join } => {
+                self.on_presence_change_reply(channel, join, result)
+            }
+            Call::PresenceRefresh { channel } => self.on_presence_refresh_reply(channel, result),
+            Call::PresenceSync { channel } => self.on_presence_sync_reply(channel, result),
+            Call::PresenceRead { ask } => self.on_presence_read_reply(*ask, result),
         }
     }
 }

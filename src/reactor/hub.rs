@@ -168,6 +168,7 @@ impl Reactor {
                 subscribe: false,
             } => self.hub_unsubscribe(reactor, channel),
             Request::Read(to) => self.hub_read(to),
+            Request::Presence(ask) => self.hub_presence(ask),
             Request::Publish {
                 channel,
                 payload,
@@ -422,6 +423,14 @@ impl Reactor {
                 }
                 RedisEvent::Message { channel, payload } if channel == control::CHANNEL => {
                     self.on_control_message(&payload)
+                }
+                RedisEvent::Message { channel, payload }
+                    if payload.starts_with(crate::broker::presence::EVENT_MAGIC) =>
+                {
+                    // A join or leave (reactor::presence).
+                    if let Some(msg) = self.presence_event(&channel, &payload) {
+                        self.hub_deliver(&msg);
+                    }
                 }
                 RedisEvent::Message { channel, payload } => {
                     self.metrics.redis_messages_in.inc();

@@ -15,6 +15,7 @@ mod calls;
 mod conns;
 mod history;
 mod hub;
+mod presence;
 mod pubsub;
 mod routes;
 mod timers;

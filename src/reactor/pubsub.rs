@@ -144,9 +144,9 @@ impl Reactor {
                 Action::History { channel, limit, id } => {
                     self.history_command(key, &channel, id, limit)
                 }
-                Action::Presence { channel, id } | Action::PresenceStats { channel, id } => {
-                    let why = format!("presence is off for channel {channel:?}");
-                    self.reply(key, id.as_deref(), Err(why));
+                Action::Presence { channel, id } => self.presence_command(key, &channel, id, false),
+                Action::PresenceStats { channel, id } => {
+                    self.presence_command(key, &channel, id, true)
                 }
                 Action::Unsubscribe { channel, id } => {
                     self.unsubscribe_channel(key, channel.as_bytes());
@@ -259,6 +259,8 @@ impl Reactor {
                 }
             }
         }
+        // After the interest: the node's SUBSCRIBE goes before the join's event.
+        self.presence_join(key, sub);
         Ok(self.confirmation(name.as_bytes()))
     }
 
@@ -298,6 +300,7 @@ impl Reactor {
     /// Takes one subscription out of the channel table (telling the Redis reactor when it was
     /// the last on this reactor).
     pub(super) fn release(&mut self, sub: Subscription) {
+        self.presence_leave(sub);
         if let Some(name) = self.channels.unsubscribe(sub) {
             self.metrics.channels.set(self.channels.len() as u64);
             if self.redis_mode() {
@@ -563,6 +566,7 @@ impl Reactor {
             Reply::ReadFailed(to) => {
                 self.read_failed(*to, "server busy: this reactor's queue is full")
             }
+            Reply::Presence(answer) => self.on_presence_answer(*answer),
         }
     }
 

@@ -28,6 +28,10 @@ pub(super) struct Timers {
     refused_logged: (u64, u64),
     /// When an oversized message from Redis was last reported in the log.
     oversized_logged_ms: Option<u64>,
+    /// When the Redis reactor next refreshes the node's presence (reactor::presence).
+    pub(super) presence_refresh_ms: u64,
+    /// Whether the Redis link was up at the last presence tick.
+    pub(super) presence_link_up: bool,
 }
 
 impl Timers {
@@ -40,6 +44,8 @@ impl Timers {
             accept_paused_until_ms: None,
             refused_logged: (0, 0),
             oversized_logged_ms: None,
+            presence_refresh_ms: 0,
+            presence_link_up: false,
         }
     }
 
@@ -68,6 +74,7 @@ impl Reactor {
                 });
             }
             self.redis_events();
+            self.presence_tick();
         }
         self.retry_deferred();
         let now_ms = self.clock.now_ms;
@@ -208,6 +215,8 @@ impl Reactor {
         // Once every client is gone there is nothing left to spread: exit without waiting out
         // the rest of the drain time (the listener is already closed, so none can arrive).
         if self.conns.live_count() == 0 || now >= hard_stop {
+            // The node leaves presence now rather than after --presence-ttl (best effort).
+            self.presence_farewell();
             self.stopped = true;
         }
     }
