@@ -9,7 +9,7 @@
 // with UPDATE_SCREENSHOTS=1 the README's screenshots in tests/browser/screenshots/ are rewritten.
 import { execFile, spawn } from "node:child_process";
 import { createHash, createHmac } from "node:crypto";
-import { closeSync, copyFileSync, mkdirSync, openSync, writeFileSync } from "node:fs";
+import { closeSync, copyFileSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -457,6 +457,12 @@ try {
         await window.flightClient.whenOpen();
       }, `ws://${n4.addr}/ws`);
       process.kill(n4.child.pid, "SIGSTOP");
+      // kill() returns before every thread has stopped; on a busy machine a reactor could
+      // still answer. Wait until /proc shows each thread stopped ("T").
+      await waitFor("node 4's threads to stop", () => {
+        const tasks = readdirSync(`/proc/${n4.child.pid}/task`);
+        return tasks.every((t) => /^\d+ \(.*\) T /.test(readFileSync(`/proc/${n4.child.pid}/task/${t}/stat`, "utf8")));
+      });
       await tool.evaluate(() => {
         window.flight = window.flightClient.publish("retry:2", "in flight").then((r) => ({ resolved: r }), (e) => ({ code: e.code }));
       });
@@ -766,7 +772,8 @@ try {
     await waitOpen(b, 30000);
     await waitSubscribers("room1", (n) => n === 2, "to return to 2");
     await waitSubscribers("side", (n) => n === 2, "to return to 2 (B re-subscribed every channel)");
-    const { req, reply } = lastSubscribe(bFrames, "room1", sentMark);
+    // The state turns "open" before the re-subscribe is answered: wait for the answer.
+    const { req, reply } = await waitFor("B's re-subscribe answer", () => { const r = lastSubscribe(bFrames, "room1", sentMark); return r.reply && r; });
     if (req?.since?.offset !== lastOffset || req.since.epoch !== known.epoch) throw new Error(`B re-subscribed with ${JSON.stringify(req)}; it knew offset ${lastOffset} of epoch ${known.epoch}`);
     if (reply?.recovered !== true) throw new Error(`the re-subscribe was answered ${JSON.stringify(reply)}`);
     await say(a, "welcome back bob");
@@ -779,6 +786,8 @@ try {
     // And on the wire: every missed message came exactly once, as a delivery after the reconnect.
     const wire = deliveredTexts(bFrames, "room1", receivedMark);
     if (wire.slice(0, missed.length).join("|") !== missed.join("|") || wire.length !== missed.length + 1) throw new Error(`B received ${JSON.stringify(wire)}`);
+    // The online list was asked again: B (back on node 2) and A, nobody left over from before.
+    await waitFor("B's online list after the reconnect", async () => JSON.stringify(await online(b)) === JSON.stringify({ users: [], guests: 2 }));
     // The inactive channel recovered too: its unread count counts what was missed.
     await waitFor("#side unread to count the missed messages", async () => (await unread(b, "side")) === unreadBefore + missedSide.length);
     await openChannel(a, "side");
@@ -849,7 +858,7 @@ try {
     await publishAll(tool, "gap1", ["after 1", "after 2"], { node: n3 });
     await c.context().setOffline(false);
     await waitOpen(c, 30000);
-    const { req, reply } = lastSubscribe(cFrames, "gap1", sentMark);
+    const { req, reply } = await waitFor("C's re-subscribe answer", () => { const r = lastSubscribe(cFrames, "gap1", sentMark); return r.reply && r; });
     if (req?.since?.epoch !== known.epoch || req.since.offset !== 3) throw new Error(`C re-subscribed with ${JSON.stringify(req)} (knew ${JSON.stringify(known)})`);
     if (reply?.recovered !== false || reply.epoch === known.epoch) throw new Error(`the re-subscribe was answered ${JSON.stringify(reply)}`);
     await waitFor("what the new node kept", findMessage(c, "after 2"));
