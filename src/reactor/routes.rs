@@ -1,5 +1,5 @@
-//! HTTP on a reactor: routing the request a connection sent (chat page, probes, metrics) and the
-//! WebSocket upgrade, including the node-wide connection limit.
+//! HTTP on a reactor: routing the request a connection sent (chat page, browser client, probes,
+//! metrics) and the WebSocket upgrade, including the node-wide connection limit.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,6 +31,10 @@ pub(super) fn token_deadline(identity: Option<&Identity>, now_ms: u64) -> u64 {
 /// The chat page served at `/`, embedded so the binary is all a user needs.
 pub const CHAT_PAGE: &str = include_str!("../web/index.html");
 
+/// The browser client served at `/fanout.js` (an ES module the chat page imports), embedded so
+/// the page and the client it was written against always come from the same binary.
+pub const BROWSER_CLIENT: &str = include_str!("../web/fanout.js");
+
 const PLAIN: &str = "text/plain; charset=utf-8";
 
 impl Reactor {
@@ -49,13 +53,13 @@ impl Reactor {
         let head_only = req.method == "HEAD";
         let known = matches!(
             req.path.as_str(),
-            "/ws" | "/healthz" | "/readyz" | "/metrics" | "/" | "/index.html"
+            "/ws" | "/healthz" | "/readyz" | "/metrics" | "/" | "/index.html" | "/fanout.js"
         );
         let response = if !known {
             http::error(
                 404,
                 &format!(
-                    "no such path {:?}; try /, /ws, /healthz, /readyz or /metrics",
+                    "no such path {:?}; try /, /fanout.js, /ws, /healthz, /readyz or /metrics",
                     req.path
                 ),
             )
@@ -91,6 +95,16 @@ impl Reactor {
                         head_only,
                     )
                 }
+                // A module script must come with a JavaScript type (browsers refuse others);
+                // nosniff makes every browser hold to it. No caching, like the page (every
+                // response says no-store), so a page never runs against an older client.
+                "/fanout.js" => http::response(
+                    200,
+                    "text/javascript; charset=utf-8",
+                    "X-Content-Type-Options: nosniff\r\n",
+                    BROWSER_CLIENT.as_bytes(),
+                    head_only,
+                ),
                 _ => http::response(
                     200,
                     "text/html; charset=utf-8",
