@@ -393,11 +393,12 @@ pub struct FollowupMetrics {
 
 /// Routes of the server API as `/metrics` labels them; `none` is a request that named no route
 /// (a malformed head, an unknown path, a connection refused at accept).
-pub const API_ROUTES: [&str; 7] = [
+pub const API_ROUTES: [&str; 8] = [
     "publish",
     "broadcast",
     "disconnect",
     "channels",
+    "history",
     "info",
     "openapi",
     "none",

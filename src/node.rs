@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::broker::bus::{ApiMailbox, ApiReply, Control, Mailbox};
-use crate::broker::history::History;
+use crate::broker::history::{History, Keep};
+use crate::broker::{control, Message};
 use crate::config::Config;
 use crate::metrics::{self, ReactorMetrics};
 
@@ -120,6 +121,47 @@ impl Shared {
             return Err("the node's redis link is down".into());
         }
         Ok(())
+    }
+
+    /// What `channel`'s namespace keeps, when it keeps history (never for the nodes' own
+    /// channels, whatever a catch-all namespace says: they are plain PUBLISHes).
+    pub fn history_of(&self, channel: &[u8]) -> Option<Keep> {
+        if control::is_reserved(channel) {
+            return None;
+        }
+        let ns = self
+            .config
+            .namespace_for(std::str::from_utf8(channel).ok()?);
+        (ns.history_size > 0).then_some(Keep {
+            size: ns.history_size,
+            ttl: ns.history_ttl,
+        })
+    }
+
+    /// Standalone: appends `msg` to its channel's history and hands it to every reactor under
+    /// the store's lock, so every reactor sees the channel's messages in offset order (and a
+    /// subscriber's history read falls between two of them: see `reactor::history`). A full
+    /// queue drops the message for that reactor and counts it; with `strict` (the server API,
+    /// which tells its caller) nothing is counted and the reactors whose queue was full are
+    /// returned.
+    pub fn publish_kept(
+        &self,
+        mut msg: Message,
+        keep: Keep,
+        now: Instant,
+        strict: bool,
+    ) -> Vec<usize> {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.append(&mut msg, keep.size, keep.ttl, now);
+        let mut full = Vec::new();
+        for (i, reactor) in self.reactors.iter().enumerate() {
+            if !strict {
+                reactor.mailbox.deliver(msg.clone());
+            } else if reactor.mailbox.try_deliver(msg.clone()).is_err() {
+                full.push(i);
+            }
+        }
+        full
     }
 
     pub fn render_metrics(&self) -> String {

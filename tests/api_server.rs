@@ -1229,3 +1229,77 @@ fn with_a_redis_cluster_channels_are_counted_on_every_node() {
         (vec![(channels[0].clone(), 1)], true, 1, json!(1))
     );
 }
+
+/// `GET /api/history` on `reader`'s API, after `publisher_node` had messages published by an
+/// authenticated client and by the API.
+fn history_endpoint(reader: &Server, publisher_node: &Server) {
+    let api = ApiClient::of(reader);
+    let token = token("42");
+    let mut client = Ws::connect(
+        publisher_node.addr,
+        &format!("/ws?token={token}"),
+        Some("fanout.json"),
+    )
+    .unwrap();
+    for i in 0..3 {
+        client.send_text(
+            &json!({"op":"publish","channel":"chat:h","data":{"n":i},"id":i}).to_string(),
+        );
+        assert_eq!(client.next_json("publish ok")["op"], "ok");
+    }
+    assert_ok(
+        &api.post(
+            "/api/publish",
+            &json!({"channel":"chat:h","data":"from the backend"}),
+        ),
+        json!({"ok": true}),
+    );
+    let answer = api.get("/api/history?channel=chat:h&limit=3");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let body = &answer.json;
+    assert_eq!(body["channel"], "chat:h");
+    assert_eq!(body["offset"], 4);
+    assert!(body["epoch"].is_string());
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"data": {"n": 1}, "user": "42", "offset": 2},
+            {"data": {"n": 2}, "user": "42", "offset": 3},
+            {"data": "from the backend", "offset": 4},
+        ])
+    );
+    let default = api.get("/api/history?channel=chat:h");
+    assert_eq!(default.json["messages"].as_array().unwrap().len(), 4);
+    assert!(api
+        .get("/api/history?channel=plain")
+        .error(400)
+        .contains("history is off"));
+    assert!(api.get("/api/history").error(400).contains("channel"));
+    assert!(api
+        .get("/api/history?channel=chat:h&limit=0")
+        .error(400)
+        .contains("limit"));
+    assert!(api
+        .get("/api/history?channel=no%20spaces")
+        .error(400)
+        .contains("channel"));
+}
+
+const HISTORY_NAMESPACE: &str =
+    "[[namespace]]\nname = \"chat:*\"\nhistory_size = 100\nhistory_ttl = 60\n";
+
+#[test]
+fn history_standalone() {
+    let config = ConfigFile::new("api_history", HISTORY_NAMESPACE);
+    let (server, _) = api_node(&["--config", config.path()]);
+    history_endpoint(&server, &server);
+}
+
+#[test]
+fn history_on_redis_reads_what_another_node_published() {
+    let redis = Redis::start();
+    let config = ConfigFile::new("api_history_redis", HISTORY_NAMESPACE);
+    let a = redis_node(&redis, true, &["--config", config.path()]);
+    let b = redis_node(&redis, false, &["--config", config.path()]);
+    history_endpoint(&a, &b);
+}

@@ -21,6 +21,7 @@
 //! `Connection: close`.
 
 pub mod census;
+pub mod history;
 pub mod http;
 pub mod keys;
 pub mod options;
@@ -449,7 +450,8 @@ impl Api {
                 ApiReply::Published { ticket, .. }
                 | ApiReply::Disconnected { ticket, .. }
                 | ApiReply::Channels { ticket, .. }
-                | ApiReply::CensusSent { ticket, .. } => *ticket,
+                | ApiReply::CensusSent { ticket, .. }
+                | ApiReply::History { ticket, .. } => *ticket,
             };
             self.awaited = self.awaited.saturating_sub(1);
             let Some(conn) = self

@@ -20,10 +20,12 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::census::{Gather, MAX_CENSUSES};
+use super::history::Asked;
 use super::http::{self, Head, Response};
 use super::keys::ApiKeys;
 use crate::broker::bus::{ApiReply, Control, Request, Ticket};
 use crate::broker::census::{Part, ToHub};
+use crate::broker::history::Page;
 use crate::broker::redis::{Ack, AckTo, Refused};
 use crate::broker::{control, origin, Message};
 use crate::node::Shared;
@@ -53,15 +55,17 @@ pub enum Route {
     Broadcast,
     Disconnect,
     Channels,
+    History,
     Info,
     OpenApi,
 }
 
-const ROUTES: [(&str, Route, &str); 6] = [
+const ROUTES: [(&str, Route, &str); 7] = [
     ("/api/publish", Route::Publish, "POST"),
     ("/api/broadcast", Route::Broadcast, "POST"),
     ("/api/disconnect", Route::Disconnect, "POST"),
     ("/api/channels", Route::Channels, "GET"),
+    ("/api/history", Route::History, "GET"),
     ("/api/info", Route::Info, "GET"),
     ("/api/openapi.json", Route::OpenApi, "GET"),
 ];
@@ -74,6 +78,7 @@ impl Route {
             Route::Broadcast => "broadcast",
             Route::Disconnect => "disconnect",
             Route::Channels => "channels",
+            Route::History => "history",
             Route::Info => "info",
             Route::OpenApi => "openapi",
         }
@@ -157,6 +162,10 @@ enum Kind {
         truncated: bool,
         /// With Redis: the other nodes' answers (`None` standalone, where this node is all).
         census: Option<Gather>,
+    },
+    History {
+        channel: Bytes,
+        result: Option<Result<Page, String>>,
     },
 }
 
@@ -275,10 +284,29 @@ pub fn handle(route: Route, head: &Head, body: &[u8], ctx: &mut Ctx) -> Outcome 
                 disconnect(ctx, b.user.into())
             }),
         Route::Channels => channels(ctx, &head.query),
+        Route::History => history(ctx, &head.query),
         Route::Info => Ok(Outcome::Respond(info(ctx.shared))),
         Route::OpenApi => Ok(Outcome::Respond(http::json(200, "", OPENAPI.as_bytes()))),
     };
     result.unwrap_or_else(Outcome::Respond)
+}
+
+fn history(ctx: &mut Ctx, query: &str) -> Result<Outcome, Response> {
+    ctx.room_for(1)?;
+    match super::history::request(ctx.shared, ctx.ticket, query)? {
+        Asked::Now(response) => Ok(Outcome::Respond(response)),
+        Asked::Sent { channel } => {
+            *ctx.awaited += 1;
+            Ok(Outcome::Wait(Pending {
+                kind: Kind::History {
+                    channel,
+                    result: None,
+                },
+                left: 1,
+                failure: None,
+            }))
+        }
+    }
 }
 
 fn channel_name(name: &str, field: &str) -> Result<Bytes, Response> {
@@ -319,9 +347,17 @@ fn publish(
             frame::encode_with(OpCode::Text, payload.len(), |buf| buf.put_slice(payload));
         let mut full = Vec::new();
         for channel in channels {
+            let keep = shared.history_of(&channel);
             let msg = Message::from_frame(channel, frame.clone(), payload_at);
-            for (i, r) in shared.reactors.iter().enumerate() {
-                if r.mailbox.try_deliver(msg.clone()).is_err() && !full.contains(&i) {
+            let missed = match keep {
+                Some(keep) => shared.publish_kept(msg, keep, ctx.now, true),
+                None => (shared.reactors.iter().enumerate())
+                    .filter(|(_, r)| r.mailbox.try_deliver(msg.clone()).is_err())
+                    .map(|(i, _)| i)
+                    .collect(),
+            };
+            for i in missed {
+                if !full.contains(&i) {
                     full.push(i);
                 }
             }
@@ -654,6 +690,9 @@ impl Pending {
                 *truncated |= more;
                 merge(merged, truncated, channels);
             }
+            (ApiReply::History { result, .. }, Kind::History { result: slot, .. }) => {
+                *slot = Some(result);
+            }
             // An answer of another kind cannot be for this request; it is only counted.
             _ => {}
         }
@@ -694,6 +733,10 @@ impl Pending {
             ),
             (Kind::Disconnect { closed }, None) => ok(json!({"ok": true, "closed": closed})),
             (Kind::Channels { .. }, Some((status, why))) => http::error(*status, why),
+            (Kind::History { channel, result }, _) => match result {
+                Some(result) => super::history::response(channel, result),
+                None => self.timed_out(),
+            },
             (
                 Kind::Channels {
                     merged,

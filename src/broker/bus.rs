@@ -40,7 +40,7 @@ use mio::Waker;
 use bytes::Bytes;
 
 use super::history::Page;
-use super::redis::Ack;
+use super::redis::{Ack, AckTo};
 use super::Message;
 use crate::metrics::ReactorMetrics;
 use crate::protocol::Position;
@@ -74,10 +74,11 @@ pub enum Purpose {
     History { limit: usize },
 }
 
-/// A history read one client asked for: who gets the answer.
+/// A history read a client (or the server API) asked for: who gets the answer.
 #[derive(Debug)]
 pub struct ReadFor {
-    pub reactor: usize,
+    /// The reactor of the client, or the API thread (then `conn` and `serial` are its ticket).
+    pub reply_to: AckTo,
     pub conn: usize,
     pub serial: u64,
     pub id: Option<Box<str>>,
@@ -199,6 +200,11 @@ pub enum ApiReply {
     /// [`ApiMailbox::census_part`]'s byte budget, and taken back with
     /// [`ApiMailbox::census_part_taken`].
     CensusPart(Bytes),
+    /// A history read the API asked for (`GET /api/history`), with Redis.
+    History {
+        ticket: Ticket,
+        result: Result<Page, String>,
+    },
 }
 
 /// The sending side of the server API's queue, shared with every reactor.

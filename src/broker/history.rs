@@ -27,6 +27,15 @@ const CHANNEL_OVERHEAD: usize = 160;
 /// What each kept message costs besides its frame.
 const ENTRY_OVERHEAD: usize = 64;
 
+/// What a namespace keeps of each of its channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Messages.
+    pub size: usize,
+    /// After the last publish (zero: no limit).
+    pub ttl: Duration,
+}
+
 /// A channel's history as one read saw it.
 #[derive(Debug, Clone)]
 pub struct Page {

@@ -18,17 +18,15 @@
 //! reports: the `ok` carries that offset and epoch, the missed messages follow (when the client
 //! gave `since` and the history still reaches back), and then live messages resume.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use redis_protocol::resp3::types::BytesFrame;
 
 use super::calls::Call;
 use super::Reactor;
-use crate::broker::bus::{Purpose, ReadDone, ReadFor, Reply, Request};
+use crate::broker::bus::{ApiReply, Purpose, ReadDone, ReadFor, Reply, Request, Ticket};
 use crate::broker::channels::Subscription;
-use crate::broker::history::{Page, Range};
-use crate::broker::redis::Ack;
+use crate::broker::history::{Keep, Page, Range};
+use crate::broker::redis::{Ack, AckTo};
 use crate::broker::{streams, Message};
 use crate::connection::Close;
 use crate::protocol::{self, Position};
@@ -36,40 +34,16 @@ use crate::protocol::{self, Position};
 /// Most messages a recovery sends; a client further behind is told `recovered: false`.
 pub const MAX_RECOVERY: usize = 1000;
 
-/// What a namespace keeps of its channels.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Keep {
-    pub size: usize,
-    pub ttl: Duration,
-}
-
 impl Reactor {
     /// What `channel`'s namespace keeps, when it keeps history.
     pub(super) fn history_of(&self, channel: &[u8]) -> Option<Keep> {
-        if crate::broker::control::is_reserved(channel) {
-            // The nodes' own messages are plain PUBLISHes, whatever a catch-all namespace says.
-            return None;
-        }
-        let name = std::str::from_utf8(channel).ok()?;
-        let ns = self.shared.config.namespace_for(name);
-        (ns.history_size > 0).then_some(Keep {
-            size: ns.history_size,
-            ttl: ns.history_ttl,
-        })
+        self.shared.history_of(channel)
     }
 
-    /// Standalone: appends the message and hands it to every reactor (this one too) under the
-    /// store's lock, so every reactor sees the channel's messages in offset order.
-    pub(super) fn publish_kept(&mut self, mut msg: Message, keep: Keep) {
-        let mut history = self
-            .shared
-            .history
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        history.append(&mut msg, keep.size, keep.ttl, self.clock.now);
-        for reactor in &self.shared.reactors {
-            reactor.mailbox.deliver(msg.clone());
-        }
+    /// Standalone: appends the message and hands it to every reactor, this one too (see
+    /// [`crate::node::Shared::publish_kept`]).
+    pub(super) fn publish_kept(&mut self, msg: Message, keep: Keep) {
+        self.shared.publish_kept(msg, keep, self.clock.now, false);
     }
 
     /// Starts the history read of a JSON `subscribe` on a channel with history: the connection
@@ -131,7 +105,7 @@ impl Reactor {
             return;
         };
         let to = ReadFor {
-            reactor: self.index,
+            reply_to: AckTo::Reactor(self.index),
             conn: key,
             serial,
             id,
@@ -357,11 +331,22 @@ impl Reactor {
     /// The Redis reactor: hands a read's answer to the reactor that asked, behind the messages
     /// already queued to it (or runs it here, in event order, when it asked itself).
     fn answer_read(&mut self, done: Box<ReadDone>) {
-        if done.to.reactor == self.index {
+        let index = match done.to.reply_to {
+            AckTo::Api => {
+                let ticket = Ticket {
+                    conn: done.to.conn,
+                    serial: done.to.serial,
+                };
+                let result = done.result;
+                return self.shared.api_reply(ApiReply::History { ticket, result });
+            }
+            AckTo::Reactor(index) => index,
+        };
+        if index == self.index {
             self.uplink.awaited = self.uplink.awaited.saturating_sub(1);
             return self.on_read_done(*done);
         }
-        let Some(reactor) = self.shared.reactors.get(done.to.reactor) else {
+        let Some(reactor) = self.shared.reactors.get(index) else {
             return;
         };
         if let Err(done) = reactor.mailbox.deliver_read(done) {
@@ -371,7 +356,7 @@ impl Reactor {
 }
 
 /// Which messages a read of `purpose` wants, and at most how many.
-fn range_of(purpose: &Purpose, keep: Keep) -> (Range, usize) {
+pub(super) fn range_of(purpose: &Purpose, keep: Keep) -> (Range, usize) {
     match purpose {
         Purpose::Subscribe { since: None } => (Range::Newest, 0),
         Purpose::Subscribe { since: Some(p) } => {
