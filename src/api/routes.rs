@@ -23,8 +23,9 @@ use super::census::{Gather, MAX_CENSUSES};
 use super::history::Asked;
 use super::http::{self, Head, Response};
 use super::keys::ApiKeys;
+use crate::broker::bus::CensusRequest;
 use crate::broker::bus::{ApiReply, Control, Request, Ticket};
-use crate::broker::census::{Part, ToHub};
+use crate::broker::census::Part;
 use crate::broker::history::Page;
 use crate::broker::redis::{Ack, AckTo, Refused};
 use crate::broker::{control, origin, Message};
@@ -517,7 +518,7 @@ fn channels(ctx: &mut Ctx, query: &str) -> Result<Outcome, Response> {
     if redis && pending.failure.is_none() {
         // The request names this API request by its serial, unique on this node: the other
         // nodes' parts carry it back.
-        let request = Request::Census(ToHub::Ask {
+        let request = Request::Census(CensusRequest::Ask {
             ticket: ctx.ticket,
             payload: control::ask_channels(&shared.node_id, ctx.ticket.serial, &prefix),
         });

@@ -93,6 +93,17 @@ pub struct ReadDone {
     pub result: Result<Page, String>,
 }
 
+/// What the Redis reactor is asked to send for a census.
+#[derive(Debug)]
+pub enum CensusRequest {
+    /// From the API thread: publish `payload` (a [`super::control::ask_channels`]) on the
+    /// control channel; answered with `ApiReply::CensusSent` (how many subscribers got it).
+    Ask { ticket: Ticket, payload: Bytes },
+    /// From a reactor: publish one [`census::Part`](super::census::Part) on `channel`, an asker's reply channel. Not
+    /// acknowledged: a part that is lost makes the asker's answer incomplete, nothing more.
+    Answer { channel: Bytes, payload: Bytes },
+}
+
 /// What a reactor asks of the node's Redis reactor.
 #[derive(Debug)]
 pub enum Request {
@@ -115,7 +126,7 @@ pub enum Request {
     /// message queue (or, when that is full, [`Reply::ReadFailed`]).
     Read(Box<ReadFor>),
     /// Send what a channel census needs sent (see [`census`](super::census)).
-    Census(super::census::ToHub),
+    Census(CensusRequest),
     /// A `presence` or `presence_stats` command (`reactor::presence`); answered with
     /// [`Reply::Presence`].
     Presence(Box<super::presence::Ask>),

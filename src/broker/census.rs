@@ -32,8 +32,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::bus::Ticket;
-
 /// Reply channels are this followed by the asking node's id. Like the control channel, the
 /// `/` keeps every client out of them.
 pub const REPLY_PREFIX: &str = "__fanout/reply/";
@@ -59,17 +57,6 @@ pub const QUEUED_PART_BYTES: usize = 4 << 20;
 
 /// Most censuses one node starts per second (and at once), whoever asks.
 pub const ASKS_PER_SECOND: u32 = 10;
-
-/// What the Redis reactor is asked to send for a census.
-#[derive(Debug)]
-pub enum ToHub {
-    /// From the API thread: publish `payload` (a [`super::control::ask_channels`]) on the
-    /// control channel; answered with `ApiReply::CensusSent` (how many subscribers got it).
-    Ask { ticket: Ticket, payload: Bytes },
-    /// From a reactor: publish one [`Part`] on `channel`, an asker's reply channel. Not
-    /// acknowledged: a part that is lost makes the asker's answer incomplete, nothing more.
-    Answer { channel: Bytes, payload: Bytes },
-}
 
 /// A node id as a census carries it: what `node::random_id` makes (16 hex digits), with room
 /// for other writers, but never anything that could leave the reply channel's name space.

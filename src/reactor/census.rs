@@ -13,8 +13,9 @@ use redis_protocol::resp3::types::BytesFrame;
 
 use super::calls::Call;
 use super::Reactor;
+use crate::broker::bus::CensusRequest;
 use crate::broker::bus::{ApiReply, Control, Request, Ticket};
-use crate::broker::census::{self, AskBudget, ToHub};
+use crate::broker::census::{self, AskBudget};
 use crate::broker::control::{self, ChannelsAsk};
 use crate::node::Shared;
 
@@ -61,9 +62,9 @@ impl Reactor {
     }
 
     /// The Redis reactor: something a census needs sent.
-    pub(super) fn on_census_request(&mut self, request: ToHub) {
+    pub(super) fn on_census_request(&mut self, request: CensusRequest) {
         let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
-            if let ToHub::Ask { ticket, .. } = request {
+            if let CensusRequest::Ask { ticket, .. } = request {
                 let result = Err("the node has no Redis link".to_string());
                 self.shared
                     .api_reply(ApiReply::CensusSent { ticket, result });
@@ -72,7 +73,7 @@ impl Reactor {
         };
         let registry = self.poll.registry();
         match request {
-            ToHub::Ask { ticket, payload } => {
+            CensusRequest::Ask { ticket, payload } => {
                 // A call rather than a publish: its reply is the number of subscribers that got
                 // the request, which is how many nodes the asker waits for.
                 let verb: &'static [u8] = if redis.is_cluster() {
@@ -101,7 +102,7 @@ impl Reactor {
                     }
                 }
             }
-            ToHub::Answer { channel, payload } => {
+            CensusRequest::Answer { channel, payload } => {
                 if let Err((refused, _)) =
                     redis.publish(&channel, payload, None, registry, self.clock.now)
                 {
@@ -169,7 +170,7 @@ impl Reactor {
                 .counts()
                 .filter(|(name, _)| name.starts_with(prefix)),
         );
-        let request = Request::Census(ToHub::Answer {
+        let request = Request::Census(CensusRequest::Answer {
             channel: census::reply_channel(&ask.node),
             payload,
         });
