@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use mio::{Registry, Token};
 use slab::Slab;
 
@@ -667,9 +667,6 @@ impl RedisCluster {
 
     /// The Redis name of a fanout channel (the prefix added).
     pub fn redis_name(&self, channel: &[u8]) -> Bytes {
-        let mut name = BytesMut::with_capacity(self.prefix.len() + channel.len());
-        name.extend_from_slice(&self.prefix);
-        name.extend_from_slice(channel);
-        name.freeze()
+        super::redis::prefixed(&self.prefix, channel)
     }
 }

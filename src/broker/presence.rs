@@ -410,7 +410,7 @@ fn args(
     let [members, nodes, users] = keys(redis_channel);
     vec![
         Bytes::from_static(b"EVALSHA"),
-        Bytes::from(script.sha.clone()),
+        script.sha.clone(),
         Bytes::from_static(b"3"),
         members,
         nodes,

@@ -910,14 +910,7 @@ impl RedisLink {
 
     /// The Redis name of a fanout channel: the `--redis-prefix` added.
     pub fn redis_name(&self, channel: &[u8]) -> Bytes {
-        if self.prefix.is_empty() {
-            Bytes::copy_from_slice(channel)
-        } else {
-            let mut name = BytesMut::with_capacity(self.prefix.len() + channel.len());
-            name.extend_from_slice(&self.prefix);
-            name.extend_from_slice(channel);
-            name.freeze()
-        }
+        prefixed(&self.prefix, channel)
     }
 
     fn flush(&mut self, registry: &Registry, now: Instant) {
@@ -1008,6 +1001,14 @@ pub fn is_redirect(error: &str) -> bool {
     ["MOVED ", "ASK ", "CLUSTERDOWN", "TRYAGAIN"]
         .iter()
         .any(|p| error.starts_with(p))
+}
+
+/// `prefix` + `channel`: a channel's name on Redis.
+pub fn prefixed(prefix: &[u8], channel: &[u8]) -> Bytes {
+    let mut name = BytesMut::with_capacity(prefix.len() + channel.len());
+    name.extend_from_slice(prefix);
+    name.extend_from_slice(channel);
+    name.freeze()
 }
 
 fn encode_command(buf: &mut BytesMut, args: impl Iterator<Item = Bytes>) {

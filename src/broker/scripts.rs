@@ -8,18 +8,20 @@
 
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
 /// One script: its source and the SHA1 Redis names it by.
 pub struct Script {
     pub body: String,
-    pub sha: String,
+    /// Shared, so each EVALSHA takes it with a reference-count increment, not a copy.
+    pub sha: Bytes,
 }
 
 impl Script {
     fn new(parts: &[&str]) -> Script {
         let body = parts.concat();
-        let sha = sha_hex(&body);
+        let sha = Bytes::from(sha_hex(&body));
         Script { body, sha }
     }
 }

@@ -45,7 +45,7 @@ pub fn append_args(
     let (meta, stream) = keys(&redis_channel);
     vec![
         Bytes::from_static(b"EVALSHA"),
-        Bytes::from(scripts::PUBLISH.sha.clone()),
+        scripts::PUBLISH.sha.clone(),
         Bytes::from_static(b"2"),
         meta,
         stream,
@@ -66,7 +66,7 @@ pub fn read_args(redis_channel: &[u8], range: Range, most: usize, ttl: Duration)
     };
     vec![
         Bytes::from_static(b"EVALSHA"),
-        Bytes::from(scripts::READ.sha.clone()),
+        scripts::READ.sha.clone(),
         Bytes::from_static(b"2"),
         meta,
         stream,

@@ -253,10 +253,13 @@ impl Reactor {
     }
 
     /// The Redis reactor: a publish on a channel with history goes through the append script.
-    pub(super) fn hub_append(&mut self, channel: Bytes, payload: Bytes, ack: Option<Ack>) {
-        let Some(keep) = self.history_of(&channel) else {
-            return;
-        };
+    pub(super) fn hub_append(
+        &mut self,
+        channel: Bytes,
+        payload: Bytes,
+        ack: Option<Ack>,
+        keep: Keep,
+    ) {
         let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
             return;
         };

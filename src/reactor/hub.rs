@@ -187,12 +187,10 @@ impl Reactor {
                 channel,
                 payload,
                 ack,
-            } if self.history_of(&channel).is_some() => self.hub_append(channel, payload, ack),
-            Request::Publish {
-                channel,
-                payload,
-                ack,
             } => {
+                if let Some(keep) = self.history_of(&channel) {
+                    return self.hub_append(channel, payload, ack, keep);
+                }
                 let Some(redis) = &mut self.redis else {
                     return;
                 };

@@ -241,25 +241,11 @@ impl Reactor {
         self.shared.presence.raise();
         self.presence_flush();
         let channels = self.shared.presence.lock().channels();
-        let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
-            return;
-        };
-        let scope = Scope {
-            node: &self.shared.node_id,
-            ttl: self.shared.config.presence_ttl,
-            sharded: redis.is_cluster(),
-        };
-        let registry = self.poll.registry();
-        for channel in channels {
-            let args = presence::sync_args(&scope, &redis.redis_name(&channel), &[]);
-            let tag = hub.calls.next_tag();
-            if redis
-                .call(&channel, args.into_iter(), tag, registry, self.clock.now)
-                .is_ok()
-            {
-                hub.calls.sent(tag, Call::PresenceSync { channel });
-            }
-        }
+        self.presence_call_each(
+            channels,
+            |scope, name| presence::sync_args(scope, name, &[]),
+            |channel| Call::PresenceSync { channel },
+        );
     }
 
     /// The Redis reactor: one refresh script per channel the node has members in; channels
@@ -267,6 +253,20 @@ impl Reactor {
     fn presence_refresh(&mut self) {
         let channels = self.shared.presence.lock().channels();
         self.shared.presence.raise();
+        self.presence_call_each(channels, presence::refresh_args, |channel| {
+            Call::PresenceRefresh { channel }
+        });
+    }
+
+    /// The Redis reactor: one script per channel, its arguments from `args` (given the
+    /// channel's Redis name), its reply routed as `call` says. A link that is down refuses it:
+    /// the next refresh tries again.
+    fn presence_call_each(
+        &mut self,
+        channels: Vec<Bytes>,
+        args: impl Fn(&Scope, &Bytes) -> Vec<Bytes>,
+        call: impl Fn(Bytes) -> Call,
+    ) {
         let (Some(hub), Some(redis)) = (&mut self.hub, &mut self.redis) else {
             return;
         };
@@ -277,14 +277,13 @@ impl Reactor {
         };
         let registry = self.poll.registry();
         for channel in channels {
-            let args = presence::refresh_args(&scope, &redis.redis_name(&channel));
+            let args = args(&scope, &redis.redis_name(&channel));
             let tag = hub.calls.next_tag();
-            // A link that is down refuses it: the next refresh tries again.
             if redis
                 .call(&channel, args.into_iter(), tag, registry, self.clock.now)
                 .is_ok()
             {
-                hub.calls.sent(tag, Call::PresenceRefresh { channel });
+                hub.calls.sent(tag, call(channel));
             }
         }
     }
