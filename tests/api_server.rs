@@ -720,13 +720,7 @@ fn redis_node(redis: &Redis, api: bool, extra: &[&str]) -> Server {
         args.extend_from_slice(&API_ARGS);
     }
     args.extend_from_slice(extra);
-    let server = Server::start(&args);
-    assert!(
-        wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
-        "node not ready; log:\n{}",
-        server.log()
-    );
-    server
+    Server::start_ready(&args)
 }
 
 /// Waits until `nodes` nodes subscribe the control channel (under `prefix`) in Redis.

@@ -48,13 +48,7 @@ fn on_redis(config: &ConfigFile, url: &str, cluster: bool) -> Server {
     } else {
         "--redis"
     };
-    let server = Server::start(&["--threads", "2", "--config", config.path(), flag, url]);
-    assert!(
-        wait_status(server.addr, "/readyz", 200, 20 * SEC).is_some(),
-        "node not ready; log:\n{}",
-        server.log()
-    );
-    server
+    Server::start_ready(&["--threads", "2", "--config", config.path(), flag, url])
 }
 
 fn send(ws: &mut Ws, command: Value) {
@@ -507,9 +501,7 @@ fn a_catch_all_namespace_with_history_leaves_the_nodes_own_messages_alone() {
         if api {
             args.extend_from_slice(&API_ARGS);
         }
-        let server = Server::start(&args);
-        assert!(wait_status(server.addr, "/readyz", 200, 20 * SEC).is_some());
-        server
+        Server::start_ready(&args)
     };
     let (a, b) = (node(true), node(false));
     let token = hs256(&json!({"sub": "42", "exp": unix_now() + 600}));

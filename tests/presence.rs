@@ -18,9 +18,7 @@ mod ops_support;
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use ops_support::{
-    hs256, unix_now, wait_status, ConfigFile, Redis, RedisCluster, Server, Ws, PATIENCE, SECRET,
-};
+use ops_support::{hs256, unix_now, ConfigFile, Redis, RedisCluster, Server, Ws, PATIENCE, SECRET};
 use serde_json::{json, Value};
 
 const CONFIG: &str = r#"
@@ -32,13 +30,7 @@ presence = true
 fn start(config: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--config", config, "--token-hmac-secret", SECRET];
     args.extend_from_slice(extra);
-    let server = Server::start(&args);
-    assert!(
-        wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
-        "node {args:?} not ready; log:\n{}",
-        server.log()
-    );
-    server
+    Server::start_ready(&args)
 }
 
 fn token(user: &str, name: &str) -> String {

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{fanout_client_lines, free_port, wait_status, RedisConn, Reply, Server, Ws, PATIENCE};
+use super::{fanout_client_lines, free_port, RedisConn, Reply, Server, Ws, PATIENCE};
 
 /// `--cluster-node-timeout`: how long a silent node takes to be flagged as failing.
 pub const NODE_TIMEOUT_MS: u64 = 2000;
@@ -913,13 +913,7 @@ impl RedisCluster {
         let seeds = self.seeds();
         let mut args = vec!["--threads", &threads, "--redis-cluster", &seeds];
         args.extend_from_slice(extra);
-        let server = Server::start(&args);
-        assert!(
-            wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
-            "node {args:?} not ready; log:\n{}",
-            server.log()
-        );
-        server
+        Server::start_ready(&args)
     }
 
     /// [`super::probe_barrier`] with probes SPUBLISHed on the channel's owner.

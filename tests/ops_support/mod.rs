@@ -163,6 +163,17 @@ impl Server {
     }
 
     /// [`Server::start`] with environment variables set for the node.
+    /// [`Server::start`], then waits until `/readyz` says 200 (with Redis: the link is up).
+    pub fn start_ready(args: &[&str]) -> Server {
+        let server = Server::start(args);
+        assert!(
+            wait_status(server.addr, "/readyz", 200, PATIENCE).is_some(),
+            "node {args:?} not ready; log:\n{}",
+            server.log()
+        );
+        server
+    }
+
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(fanout_bin())
             .args(["--listen", "127.0.0.1:0"])
